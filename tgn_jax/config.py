@@ -1,0 +1,179 @@
+"""One configuration object for the whole model, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Optional, Union
+
+import jax.numpy as jnp
+
+Mixer = Literal["tgn", "attention", "recurrent"]
+Recurrence = Literal["mingru", "gru"]
+GateMode = Literal["soft", "hard", "open", "closed"]
+Execution = Literal["sparse", "dense"]
+
+MIXERS = ("tgn", "attention", "recurrent")
+RECURRENCES = ("mingru", "gru")
+GATE_MODES = ("soft", "hard", "open", "closed")
+EXECUTIONS = ("sparse", "dense")
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TGNConfig:
+  """Hyper-parameters of a TGN language model and of its baselines.
+
+  mixer: "tgn" (recurrence + gate + attention), "attention" (a standard
+    Transformer: no recurrence, no gate) or "recurrent" (no attention, no gate).
+  recurrence: the inertia channel, "mingru" (parallel scan, the default) or
+    "gru" (sequential, the PyTorch reference's nn.GRU).
+  gate: "soft" (dense attention, mix by the gate probability: the reference's
+    behaviour), "hard" (0/1 gate, straight-through gradient, attention computed
+    only where open), "open" / "closed" (forced, for ablations).
+  attention_execution: for the hard gate, "sparse" (gather the open tokens and
+    compute attention for them only) or "dense" (attention everywhere, same
+    mix). None picks "sparse" for the hard gate, "dense" otherwise.
+  temperature: softmax temperature of every head. None = sqrt(head_dim), a
+    positive float = fixed, "learned" = one learned temperature per head
+    (initialised at sqrt(head_dim)).
+  exploration: fraction of closed-gate tokens whose attention is computed (not
+    mixed) in training, to give closed gates a straight-through gradient.
+  capacity_buckets: fractions of the sequence length; the hard gate gathers the
+    open tokens into the smallest bucket that holds the batch's largest count.
+  """
+
+  vocab_size: int
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: Optional[int] = None
+  d_mlp: Optional[int] = None
+  max_seq_len: int = 1024
+  mixer: Mixer = "tgn"
+  recurrence: Recurrence = "mingru"
+  gate: GateMode = "hard"
+  gate_threshold: float = 0.5
+  gate_sampling: bool = False
+  gate_hidden: Optional[int] = None
+  gate_bias_init: float = 2.0
+  attention_execution: Optional[Execution] = None
+  capacity_buckets: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
+  temperature: Union[None, float, str] = None
+  exploration: float = 0.02
+  rope: bool = True
+  rope_base: float = 10_000.0
+  attention_impl: Optional[str] = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+      _require_positive_int(name, getattr(self, name))
+    for name in ("n_kv_heads", "d_mlp", "gate_hidden"):
+      value = getattr(self, name)
+      if value is not None:
+        _require_positive_int(name, value)
+    if self.d_model % self.n_heads:
+      raise ValueError(
+          f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+    if self.n_heads % self.kv_heads:
+      raise ValueError(
+          f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+    if self.rope and self.head_dim % 2:
+      raise ValueError(f"rope needs an even head dimension, got d_model/n_heads = {self.head_dim}")
+    _require_choice("mixer", self.mixer, MIXERS)
+    _require_choice("recurrence", self.recurrence, RECURRENCES)
+    _require_choice("gate", self.gate, GATE_MODES)
+    _require_choice("attention_execution", self.attention_execution, (None,) + EXECUTIONS)
+    _require_choice("attention_impl", self.attention_impl, IMPLEMENTATIONS)
+    _require_choice("dtype", self.dtype, tuple(DTYPES))
+    _require_choice("param_dtype", self.param_dtype, tuple(DTYPES))
+    if self.attention_execution == "sparse" and self.gate != "hard":
+      raise ValueError(
+          f"attention_execution='sparse' needs gate='hard', got gate={self.gate!r}")
+    if not 0.0 < self.gate_threshold < 1.0:
+      raise ValueError(f"gate_threshold must be in (0, 1), got {self.gate_threshold}")
+    if not 0.0 <= self.exploration < 1.0:
+      raise ValueError(f"exploration must be in [0, 1), got {self.exploration}")
+    buckets = tuple(self.capacity_buckets)
+    if (not buckets or any(not 0.0 < f <= 1.0 for f in buckets)
+        or list(buckets) != sorted(buckets) or buckets[-1] != 1.0):
+      raise ValueError(
+          "capacity_buckets must be increasing fractions in (0, 1] ending with 1.0, "
+          f"got {self.capacity_buckets}")
+    object.__setattr__(self, "capacity_buckets", buckets)
+    temperature = self.temperature
+    if isinstance(temperature, str):
+      if temperature != "learned":
+        raise ValueError(
+            f"temperature must be None, a positive number or 'learned', got {temperature!r}")
+    elif temperature is not None:
+      if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+          math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+      object.__setattr__(self, "temperature", float(temperature))
+    if not self.rope_base > 0:
+      raise ValueError(f"rope_base must be positive, got {self.rope_base}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.d_mlp or 4 * self.d_model
+
+  @property
+  def gate_dim(self) -> int:
+    return self.gate_hidden or max(8, self.d_model // 4)
+
+  @property
+  def execution(self) -> str:
+    """The resolved attention execution: 'sparse' or 'dense'."""
+    if self.attention_execution is not None:
+      return self.attention_execution
+    return "sparse" if self.mixer == "tgn" and self.gate == "hard" else "dense"
+
+  @property
+  def has_recurrence(self) -> bool:
+    return self.mixer in ("tgn", "recurrent")
+
+  @property
+  def has_attention(self) -> bool:
+    return self.mixer == "attention" or (self.mixer == "tgn" and self.gate != "closed")
+
+  @property
+  def has_gate(self) -> bool:
+    return self.mixer == "tgn" and self.gate in ("soft", "hard")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> "TGNConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _require_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _require_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    shown = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"{name} must be one of {shown}; got {value!r}")

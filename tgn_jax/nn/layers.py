@@ -1,0 +1,47 @@
+"""Small building blocks: the MLP and the gate head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tgn_jax.config import TGNConfig
+
+
+def linear(config: TGNConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = False,
+           **kwargs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.compute_dtype,
+                    param_dtype=config.weight_dtype, rngs=rngs, **kwargs)
+
+
+def rms_norm(config: TGNConfig, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(config.d_model, epsilon=1e-6, dtype=config.compute_dtype,
+                     param_dtype=config.weight_dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """Position-wise GELU MLP, [B, T, D] -> [B, T, D]."""
+
+  def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
+    self.up = linear(config, config.d_model, config.mlp_dim, rngs=rngs)
+    self.down = linear(config, config.mlp_dim, config.d_model, rngs=rngs)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    return self.down(jax.nn.gelu(self.up(x_BTD)))
+
+
+class GateHead(nnx.Module):
+  """g_t = sigmoid(MLP(r_t)): the open probability of each token, float32 [B, T].
+
+  Reads only the recurrent state r_t, so the gate is causal.
+  """
+
+  def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
+    self.hidden = linear(config, config.d_model, config.gate_dim, rngs=rngs, use_bias=True)
+    self.out = linear(config, config.gate_dim, 1, rngs=rngs, use_bias=True,
+                      bias_init=nnx.initializers.constant(config.gate_bias_init))
+
+  def __call__(self, r_BTD: jax.Array) -> jax.Array:
+    logit = self.out(jax.nn.gelu(self.hidden(r_BTD)))[..., 0]
+    return jax.nn.sigmoid(logit.astype(jnp.float32))

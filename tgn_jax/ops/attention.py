@@ -1,0 +1,258 @@
+"""Softmax attention as a Gibbs equilibrium, with its thermodynamic observables.
+
+For query i with energies E_ij = -q_i.k_j and temperature T, the attention weights
+p_ij = softmax_j(-E_ij / T) minimise F = U - T S. Per query this module reports
+
+  log Z = logsumexp_j(q_i.k_j / T)     F = -T log Z
+  U = sum_j p_ij E_ij                  S = -sum_j p_ij ln p_ij
+  C = Var_p(E) / T^2  (= dU/dT)
+
+so that F = U - T S holds identically. Shapes follow jax.nn.dot_product_attention:
+q [B, Tq, N, H], k and v [B, Tk, K, H] with N a multiple of K (grouped KV heads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Finite stand-in for -inf: keeps exp() at zero without producing inf - inf = nan.
+_NEG = -1e30
+
+
+class ThermoStats(NamedTuple):
+  """Per-query observables of the attention Gibbs distribution, float32 [B, Tq, N].
+
+  Energies are in units of q.k (E = -q.k), the entropy in nats; the specific
+  heat is dimensionless (C = Var_p(E) / T^2).
+  """
+
+  log_partition: Array
+  free_energy: Array
+  internal_energy: Array
+  entropy: Array
+  specific_heat: Array
+
+
+def default_positions(batch: int, q_len: int, k_len: int) -> Array:
+  """The last q_len positions of a k_len sequence, int32 [B, Tq]."""
+  return jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32) + (k_len - q_len), (batch, q_len))
+
+
+def gibbs_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    temperature: Union[None, float, Array] = None,
+    is_causal: bool = True,
+    q_positions: Optional[Array] = None,
+    return_stats: bool = False,
+    implementation: Optional[str] = None,
+):
+  """Causal softmax attention at temperature T, optionally with its observables.
+
+  Args:
+    q: queries [B, Tq, N, H].
+    k, v: keys and values [B, Tk, K, H]; N must be a multiple of K.
+    temperature: None for sqrt(H), a scalar, or a per-head [N] array; may be traced
+      (gradients flow to it).
+    is_causal: key j is visible to query i iff j <= q_positions[b, i].
+    q_positions: int [B, Tq] absolute query positions (gathered queries, decoding).
+      Default: the last Tq positions, arange(Tq) + Tk - Tq.
+    return_stats: also return ThermoStats (float32 [B, Tq, N]).
+    implementation: "xla", "cudnn" or None (cuDNN on GPU for 16-bit inputs, else XLA).
+
+  Returns:
+    out [B, Tq, N, H] in q's dtype, or (out, ThermoStats) if return_stats.
+  """
+  batch, q_len, n_heads, head_dim = _check_qkv(q, k, v)
+  k_len = k.shape[1]
+  temperature_N = _check_temperature(temperature, n_heads, head_dim)
+  q_positions = _check_positions(q_positions, batch, q_len, k_len)
+  impl = _resolve_implementation(implementation, q.dtype, head_dim)
+
+  q_scaled = (q.astype(jnp.float32) / temperature_N[:, None]).astype(q.dtype)
+  mask = None
+  plain_causal = is_causal and q_positions is None and q_len == k_len
+  if is_causal and not plain_causal:
+    positions = q_positions if q_positions is not None else default_positions(batch, q_len, k_len)
+    mask = (jnp.arange(k_len)[None, None, :] <= positions[:, :, None])[:, None]
+  out = jax.nn.dot_product_attention(
+      q_scaled, k, v, mask=mask, scale=1.0, is_causal=plain_causal, implementation=impl)
+  if not return_stats:
+    return out
+  stats = attention_stats(
+      q, k, temperature=temperature_N, is_causal=is_causal, q_positions=q_positions)
+  return out, stats
+
+
+def attention_stats(
+    q: Array,
+    k: Array,
+    *,
+    temperature: Union[None, float, Array] = None,
+    is_causal: bool = True,
+    q_positions: Optional[Array] = None,
+    key_chunk: int = 1024,
+    query_chunk: int = 1024,
+) -> ThermoStats:
+  """Thermodynamic observables of softmax(q.k / T), float32 [B, Tq, N].
+
+  Streams over key blocks (online max, partition sum, mean and variance merged with
+  Chan's parallel formula), so memory is O(query_chunk * key_chunk) per head and the
+  variance is computed without cancellation. Masked keys are excluded exactly.
+  """
+  batch, q_len, n_heads, head_dim = _check_qkv(q, k, k)
+  k_len, kv_heads = k.shape[1], k.shape[2]
+  group = n_heads // kv_heads
+  temperature_N = _check_temperature(temperature, n_heads, head_dim)
+  q_positions = _check_positions(q_positions, batch, q_len, k_len)
+  if q_positions is None:
+    q_positions = default_positions(batch, q_len, k_len)
+
+  q_block = min(query_chunk, q_len)
+  k_block = min(key_chunk, k_len)
+  q_pad = -q_len % q_block
+  k_pad = -k_len % k_block
+  # [B, Tq, K, G, H] queries scaled by 1/T in float32.
+  q_BQKGH = (q.astype(jnp.float32) / temperature_N[:, None]).reshape(
+      batch, q_len, kv_heads, group, head_dim)
+  q_BQKGH = jnp.pad(q_BQKGH, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
+  pos_BQ = jnp.pad(q_positions, ((0, 0), (0, q_pad)), constant_values=k_len - 1)
+  k_BSKH = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, 0)))
+  n_q_blocks = (q_len + q_pad) // q_block
+  n_k_blocks = (k_len + k_pad) // k_block
+  # Blocks first, for lax.map / lax.scan.
+  q_blocks = jnp.moveaxis(q_BQKGH.reshape(batch, n_q_blocks, q_block, kv_heads, group, head_dim), 1, 0)
+  pos_blocks = jnp.moveaxis(pos_BQ.reshape(batch, n_q_blocks, q_block), 1, 0)
+  k_blocks = jnp.moveaxis(k_BSKH.reshape(batch, n_k_blocks, k_block, kv_heads, head_dim), 1, 0)
+
+  def one_query_block(args):
+    q_bqkgh, pos_bq = args
+
+    def merge_key_block(carry, block):
+      k_bskh, start = block
+      s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh.astype(jnp.float32),
+                     preferred_element_type=jnp.float32)
+      key_pos = start + jnp.arange(k_block)
+      visible = key_pos[None, :] < k_len
+      if is_causal:
+        visible = visible & (key_pos[None, None, :] <= pos_bq[:, :, None])  # [B, q, s]
+        visible = visible[:, None, None]
+      else:
+        visible = jnp.broadcast_to(visible[None, None, None], s.shape)
+      return _merge_moments(carry, _block_moments(s, visible)), None
+
+    shape = (batch, kv_heads, group, q_block)
+    init = (jnp.full(shape, _NEG), jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape))
+    starts = jnp.arange(n_k_blocks) * k_block
+    (m, l, mean, m2), _ = jax.lax.scan(merge_key_block, init, (k_blocks, starts))
+    return m, l, mean, m2
+
+  m, l, mean, m2 = jax.lax.map(one_query_block, (q_blocks, pos_blocks))
+
+  def to_BQN(x):  # [nQ, B, K, G, q] -> [B, Tq, N]
+    x = jnp.moveaxis(x, 0, 3).reshape(batch, kv_heads, group, n_q_blocks * q_block)
+    return jnp.moveaxis(x.reshape(batch, n_heads, -1), 1, 2)[:, :q_len]
+
+  m, l, mean, m2 = map(to_BQN, (m, l, mean, m2))
+  log_z = m + jnp.log(l)
+  t = temperature_N[None, None, :]
+  return ThermoStats(
+      log_partition=log_z,
+      free_energy=-t * log_z,
+      internal_energy=-t * mean,
+      entropy=log_z - mean,
+      specific_heat=m2 / l,
+  )
+
+
+def _block_moments(s: Array, visible: Array):
+  """Max, partition sum, mean and sum of squared deviations of one key block."""
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(visible, s, _NEG), axis=-1))
+  w = jnp.where(visible, jnp.exp(jnp.where(visible, s, m[..., None]) - m[..., None]), 0.0)
+  l = jnp.sum(w, axis=-1)
+  s0 = jnp.where(visible, s, 0.0)
+  mean = jnp.sum(w * s0, axis=-1) / jnp.where(l > 0, l, 1.0)
+  m2 = jnp.sum(w * jnp.square(s0 - mean[..., None]), axis=-1)
+  return m, l, mean, m2
+
+
+def _merge_moments(a, b):
+  """Chan et al.'s merge of two weighted (mean, M2) summaries under a shared max."""
+  m_a, l_a, mean_a, m2_a = a
+  m_b, l_b, mean_b, m2_b = b
+  m = jnp.maximum(m_a, m_b)
+  scale_a, scale_b = jnp.exp(m_a - m), jnp.exp(m_b - m)
+  w_a, w_b = l_a * scale_a, l_b * scale_b
+  w = w_a + w_b
+  w_safe = jnp.where(w > 0, w, 1.0)
+  delta = mean_b - mean_a
+  mean = mean_a + delta * (w_b / w_safe)
+  m2 = m2_a * scale_a + m2_b * scale_b + jnp.square(delta) * (w_a * w_b / w_safe)
+  return m, w, mean, m2
+
+
+def _check_qkv(q, k, v):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or x.ndim != 4:
+      raise ValueError(f"{name} must be a 4-D array [B, T, heads, head_dim], got shape "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got {x.dtype}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+  if q.dtype != k.dtype or k.dtype != v.dtype:
+    raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  batch, _, n_heads, head_dim = q.shape
+  if k.shape[0] != batch:
+    raise ValueError(f"q and k must have the same batch size, got {batch} and {k.shape[0]}")
+  if k.shape[3] != head_dim:
+    raise ValueError(f"q and k must have the same head_dim, got {head_dim} and {k.shape[3]}")
+  if n_heads % k.shape[2]:
+    raise ValueError(
+        f"q heads ({n_heads}) must be a multiple of k/v heads ({k.shape[2]})")
+  return q.shape
+
+
+def _check_temperature(temperature, n_heads: int, head_dim: int) -> Array:
+  """Temperature as float32 [N]."""
+  if temperature is None:
+    return jnp.full((n_heads,), math.sqrt(head_dim), jnp.float32)
+  if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+    if not temperature > 0:
+      raise ValueError(f"temperature must be positive, got {temperature}")
+    return jnp.full((n_heads,), temperature, jnp.float32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  if temperature.shape not in ((), (n_heads,)):
+    raise ValueError(
+        f"temperature must be a scalar or a per-head array of shape ({n_heads},), "
+        f"got shape {temperature.shape}")
+  return jnp.broadcast_to(temperature, (n_heads,))
+
+
+def _check_positions(q_positions, batch: int, q_len: int, k_len: int):
+  if q_positions is None:
+    return None
+  if not jnp.issubdtype(jnp.asarray(q_positions).dtype, jnp.integer):
+    raise TypeError(f"q_positions must be integer, got {jnp.asarray(q_positions).dtype}")
+  if q_positions.shape != (batch, q_len):
+    raise ValueError(
+        f"q_positions must have shape [B, Tq] = ({batch}, {q_len}), got {q_positions.shape}")
+  return q_positions.astype(jnp.int32)
+
+
+def _resolve_implementation(implementation, dtype, head_dim: int):
+  if implementation not in (None, "xla", "cudnn"):
+    raise ValueError(f"implementation must be 'xla', 'cudnn' or None, got {implementation!r}")
+  if implementation is not None:
+    return implementation
+  cudnn_ok = (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if cudnn_ok else "xla"

@@ -1,0 +1,92 @@
+"""The inertia channel: recurrences as pure functions, each with a one-step form.
+
+All state is float32 whatever the input dtype. Shapes: B batch, T time, D width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def linear_recurrence(a_BTD: Array, b_BTD: Array, h0_BD: Optional[Array] = None, *,
+                      parallel: bool = True) -> Array:
+  """h_t = a_t * h_{t-1} + b_t (elementwise), h_{-1} = h0 (zeros by default).
+
+  parallel=True uses jax.lax.associative_scan (O(log T) depth); False is the
+  sequential lax.scan form of the same recurrence. Returns float32 [B, T, D].
+  """
+  a = a_BTD.astype(jnp.float32)
+  b = b_BTD.astype(jnp.float32)
+  if h0_BD is not None:
+    # Fold the initial state into the first input: b_0 <- a_0 h0 + b_0.
+    b = b.at[:, 0].add(a[:, 0] * h0_BD.astype(jnp.float32))
+  if parallel:
+    def combine(left, right):
+      a_l, b_l = left
+      a_r, b_r = right
+      return a_l * a_r, a_r * b_l + b_r
+    _, h = jax.lax.associative_scan(combine, (a, b), axis=1)
+    return h
+
+  def step(h, ab):
+    a_t, b_t = ab
+    h = a_t * h + b_t
+    return h, h
+  h0 = jnp.zeros_like(a[:, 0])
+  _, h_TBD = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1)))
+  return jnp.swapaxes(h_TBD, 0, 1)
+
+
+def min_gru(gate_logits_BTD: Array, candidate_BTD: Array, h0_BD: Optional[Array] = None, *,
+            parallel: bool = True) -> Array:
+  """minGRU (Feng et al. 2024): z = sigmoid(gate), h_t = (1 - z) h_{t-1} + z * candidate.
+
+  Inputs [B, T, D]; returns float32 hidden states [B, T, D].
+  """
+  logits = gate_logits_BTD.astype(jnp.float32)
+  z = jax.nn.sigmoid(logits)
+  keep = jax.nn.sigmoid(-logits)  # 1 - z without cancellation
+  return linear_recurrence(keep, z * candidate_BTD.astype(jnp.float32), h0_BD, parallel=parallel)
+
+
+def min_gru_step(gate_logits_BD: Array, candidate_BD: Array, h_BD: Array) -> Array:
+  """One minGRU step from state h [B, D]; returns the new float32 state."""
+  logits = gate_logits_BD.astype(jnp.float32)
+  return (jax.nn.sigmoid(-logits) * h_BD.astype(jnp.float32)
+          + jax.nn.sigmoid(logits) * candidate_BD.astype(jnp.float32))
+
+
+def gru_step(x_proj_B3D: Array, w_hh_D3D: Array, b_hh_3D: Array, h_BD: Array) -> Array:
+  """One step of torch.nn.GRU (gate order r, z, n) from state h [B, D].
+
+  x_proj = W_ih x + b_ih [B, 3D] is precomputed for all tokens; w_hh [D, 3D], b_hh [3D].
+    r = sigmoid(x_r + h W_hr + b_hr); z = sigmoid(x_z + h W_hz + b_hz)
+    n = tanh(x_n + r * (h W_hn + b_hn)); h' = (1 - z) n + z h
+  """
+  h = h_BD.astype(jnp.float32)
+  h_proj = jnp.dot(h.astype(w_hh_D3D.dtype), w_hh_D3D,
+                   preferred_element_type=jnp.float32) + b_hh_3D.astype(jnp.float32)
+  x_r, x_z, x_n = jnp.split(x_proj_B3D.astype(jnp.float32), 3, axis=-1)
+  h_r, h_z, h_n = jnp.split(h_proj, 3, axis=-1)
+  r = jax.nn.sigmoid(x_r + h_r)
+  z = jax.nn.sigmoid(x_z + h_z)
+  n = jnp.tanh(x_n + r * h_n)
+  return (1.0 - z) * n + z * h
+
+
+def gru(x_proj_BT3D: Array, w_hh_D3D: Array, b_hh_3D: Array,
+        h0_BD: Optional[Array] = None) -> Array:
+  """torch.nn.GRU over time with lax.scan; returns float32 hidden states [B, T, D]."""
+  batch, _, three_d = x_proj_BT3D.shape
+  h0 = jnp.zeros((batch, three_d // 3), jnp.float32) if h0_BD is None else h0_BD
+
+  def step(h, x_proj_B3D):
+    h = gru_step(x_proj_B3D, w_hh_D3D, b_hh_3D, h)
+    return h, h
+  _, h_TBD = jax.lax.scan(step, h0.astype(jnp.float32), jnp.swapaxes(x_proj_BT3D, 0, 1))
+  return jnp.swapaxes(h_TBD, 0, 1)
