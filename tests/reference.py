@@ -1,0 +1,57 @@
+"""Float64 NumPy references for the tests."""
+
+import numpy as np
+
+
+def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=True):
+  """Float64 NumPy reference: (out [B,Tq,N,H], dict of observables [B,Tq,N]). For tests."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, q_len, n_heads, _ = q.shape
+  k_len, kv_heads = k.shape[1], k.shape[2]
+  rep = n_heads // kv_heads
+  k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  temp = np.broadcast_to(np.asarray(temperature, np.float64), (n_heads,))
+  energy = -np.einsum("bqnh,bsnh->bnqs", q, k)
+  logits = -energy / temp[None, :, None, None]
+  if q_positions is None:
+    q_positions = np.arange(q_len)[None] + (k_len - q_len) + np.zeros((batch, 1), int)
+  visible = np.ones((batch, 1, q_len, k_len), bool)
+  if is_causal:
+    visible = (np.arange(k_len)[None, None, :] <= np.asarray(q_positions)[:, :, None])[:, None]
+  logits = np.where(visible, logits, -np.inf)
+  m = logits.max(-1, keepdims=True)
+  w = np.exp(logits - m)
+  z = w.sum(-1, keepdims=True)
+  p = w / z
+  log_z = (m + np.log(z))[..., 0]
+  e0 = np.where(visible, energy, 0.0)
+  u = (p * e0).sum(-1)
+  s = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(-1)
+  var = (p * (e0 - u[..., None]) ** 2).sum(-1)
+  t = temp[None, :, None]
+  out = np.einsum("bnqs,bsnh->bqnh", p, v)
+  stats = dict(log_partition=log_z, free_energy=-t * log_z, internal_energy=u, entropy=s,
+               specific_heat=var / t**2)
+  return out, {name: np.moveaxis(x, 1, 2) for name, x in stats.items()}
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def gru_reference_np(x_proj, w_hh, b_hh, h0=None):
+  """torch.nn.GRU equations in float64: x_proj [B, T, 3D] = W_ih x + b_ih."""
+  x_proj, w_hh, b_hh = (np.asarray(a, np.float64) for a in (x_proj, w_hh, b_hh))
+  batch, seq_len, three_d = x_proj.shape
+  d = three_d // 3
+  h = np.zeros((batch, d)) if h0 is None else np.asarray(h0, np.float64)
+  out = []
+  for t in range(seq_len):
+    x_r, x_z, x_n = np.split(x_proj[:, t], 3, axis=-1)
+    h_r, h_z, h_n = np.split(h @ w_hh + b_hh, 3, axis=-1)
+    r = sigmoid(x_r + h_r)
+    z = sigmoid(x_z + h_z)
+    n = np.tanh(x_n + r * h_n)
+    h = (1 - z) * n + z * h
+    out.append(h)
+  return np.stack(out, axis=1)

@@ -1,0 +1,210 @@
+"""gibbs_attention: equality with jax.nn.dot_product_attention, the thermodynamic
+identities, gathered queries and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tgn_jax.ops.attention import attention_stats, gibbs_attention
+from reference import attention_reference_np
+
+FIELDS = ("log_partition", "free_energy", "internal_energy", "entropy", "specific_heat")
+
+
+def qkv(seed, batch=2, q_len=12, k_len=12, heads=4, kv_heads=4, head_dim=8, scale=1.0,
+        dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  q = scale * jax.random.normal(kq, (batch, q_len, heads, head_dim))
+  k = jax.random.normal(kk, (batch, k_len, kv_heads, head_dim))
+  v = jax.random.normal(kv, (batch, k_len, kv_heads, head_dim))
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_equals_jax_dot_product_attention(kv_heads):
+  q, k, v = qkv(0, kv_heads=kv_heads)
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  out = gibbs_attention(q, k, v)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [None, 0.7, "per_head"])
+def test_output_and_observables_match_float64_reference(temperature):
+  q, k, v = qkv(1, kv_heads=2, scale=2.0)
+  if temperature == "per_head":
+    temperature = jnp.array([0.5, 1.0, 2.0, 4.0])
+  out, stats = gibbs_attention(q, k, v, temperature=temperature, return_stats=True)
+  t_ref = np.sqrt(8.0) if temperature is None else np.asarray(temperature)
+  ref_out, ref = attention_reference_np(q, k, v, t_ref)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5)
+  for name in FIELDS:
+    got = getattr(stats, name)
+    assert got.dtype == jnp.float32 and got.shape == (2, 12, 4)
+    np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_streamed_blocks_equal_single_block():
+  """Chan-merged key blocks (and query blocks) give the same observables as one block."""
+  q, k, _ = qkv(2, q_len=37, k_len=37, scale=3.0)
+  whole = attention_stats(q, k)
+  blocked = attention_stats(q, k, key_chunk=8, query_chunk=5)
+  _, ref = attention_reference_np(q, k, k, np.sqrt(8.0))
+  for name in FIELDS:
+    np.testing.assert_allclose(getattr(blocked, name), getattr(whole, name), rtol=1e-5,
+                               atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(getattr(blocked, name), ref[name], rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+
+
+def test_free_energy_identity():
+  q, k, v = qkv(3, scale=4.0)
+  temperature = jnp.array([0.3, 1.0, 2.5, 9.0])
+  _, s = gibbs_attention(q, k, v, temperature=temperature, return_stats=True)
+  t = temperature[None, None, :]
+  np.testing.assert_allclose(s.free_energy, s.internal_energy - t * s.entropy, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(s.free_energy, -t * s.log_partition, rtol=1e-6, atol=1e-6)
+  assert jnp.all(s.entropy >= -1e-6) and jnp.all(s.specific_heat >= 0)
+  # Entropy is bounded by the log of the number of visible keys.
+  visible = jnp.arange(1, 13, dtype=jnp.float32)[None, :, None]
+  assert jnp.all(s.entropy <= jnp.log(visible) + 1e-5)
+
+
+def test_specific_heat_is_dU_dT():
+  q, k, v = qkv(4, scale=2.0)
+  temperature = jnp.array([0.5, 1.0, 2.0, 3.0])
+
+  def internal_energy(t):
+    return gibbs_attention(q, k, v, temperature=t, return_stats=True)[1].internal_energy
+
+  u, du_dt = jax.jvp(internal_energy, (temperature,), (jnp.ones(4),))
+  c = gibbs_attention(q, k, v, temperature=temperature, return_stats=True)[1].specific_heat
+  np.testing.assert_allclose(du_dt, c, rtol=2e-3, atol=2e-4)
+  # and through jax.grad of a scalar temperature
+  grad = jax.grad(lambda t: internal_energy(t)[0, 7, 2])(1.3)
+  c13 = gibbs_attention(q, k, v, temperature=1.3, return_stats=True)[1].specific_heat[0, 7, 2]
+  np.testing.assert_allclose(grad, c13, rtol=2e-3, atol=2e-4)
+
+
+def test_temperature_is_differentiable_through_output():
+  q, k, v = qkv(5)
+  loss = lambda t: jnp.sum(gibbs_attention(q, k, v, temperature=t) ** 2)
+  g = jax.grad(loss)(jnp.array([1.0, 2.0, 3.0, 4.0]))
+  eps = 1e-3
+  fd = (loss(jnp.array([1.0 + eps, 2.0, 3.0, 4.0])) - loss(jnp.array([1.0 - eps, 2.0, 3.0, 4.0]))) / (2 * eps)
+  np.testing.assert_allclose(g[0], fd, rtol=1e-2)
+
+
+def test_gathered_queries_equal_rows_of_full_attention():
+  q, k, v = qkv(6, batch=2, q_len=16, k_len=16, kv_heads=2)
+  full, full_stats = gibbs_attention(q, k, v, return_stats=True)
+  positions = jnp.array([[0, 3, 4, 15], [2, 7, 8, 9]])
+  rows = jnp.arange(2)[:, None]
+  out, stats = gibbs_attention(q[rows, positions], k, v, q_positions=positions,
+                               return_stats=True)
+  np.testing.assert_allclose(out, full[rows, positions], rtol=1e-5, atol=1e-6)
+  for name in FIELDS:
+    np.testing.assert_allclose(getattr(stats, name), getattr(full_stats, name)[rows, positions],
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_default_positions_are_the_last_queries():
+  q, k, v = qkv(7, q_len=3, k_len=10)
+  out = gibbs_attention(q, k, v)
+  ref_out, _ = attention_reference_np(q, k, v, np.sqrt(8.0))
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+
+
+def test_query_seeing_one_key_is_finite_and_cold():
+  q, k, v = qkv(8, scale=50.0)
+  out, s = gibbs_attention(q, k, v, return_stats=True)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *s))
+  np.testing.assert_allclose(out[:, 0], v[:, 0], rtol=1e-6)
+  np.testing.assert_allclose(s.entropy[:, 0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(s.specific_heat[:, 0], 0.0, atol=1e-6)
+  # huge logits elsewhere: still matches the float64 reference
+  _, ref = attention_reference_np(q, k, v, np.sqrt(8.0))
+  np.testing.assert_allclose(s.log_partition, ref["log_partition"], rtol=1e-5)
+  np.testing.assert_allclose(s.entropy, ref["entropy"], atol=1e-4)
+
+
+def test_non_causal():
+  q, k, v = qkv(9, q_len=5, k_len=7)
+  out, s = gibbs_attention(q, k, v, is_causal=False, return_stats=True)
+  ref_out, ref = attention_reference_np(q, k, v, np.sqrt(8.0), is_causal=False)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(s.specific_heat, ref["specific_heat"], rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_is_finite_and_close():
+  q, k, v = qkv(10)
+  out, s = gibbs_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), return_stats=True)
+  assert out.dtype == jnp.bfloat16 and s.entropy.dtype == jnp.float32
+  ref = gibbs_attention(q, k, v)
+  assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1
+
+
+def test_jit_and_vmap_compose():
+  q, k, v = qkv(11)
+  f = jax.jit(lambda q, k, v: gibbs_attention(q, k, v, return_stats=True))
+  out, s = f(q, k, v)
+  vm = jax.vmap(lambda q, k, v: gibbs_attention(q[None], k[None], v[None])[0])(q, k, v)
+  np.testing.assert_allclose(vm, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("q3d", ValueError, "q must be a 4-D array"),
+    ("kv_shape", ValueError, "k and v must have the same shape"),
+    ("head_dim", ValueError, "same head_dim"),
+    ("heads", ValueError, "multiple of k/v heads"),
+    ("dtype", TypeError, "share a dtype"),
+    ("int", TypeError, "q must be floating point"),
+    ("temperature", ValueError, "temperature must be a scalar or a per-head"),
+    ("negative_temperature", ValueError, "temperature must be positive"),
+    ("positions_shape", ValueError, "q_positions must have shape"),
+    ("positions_dtype", TypeError, "q_positions must be integer"),
+    ("implementation", ValueError, "implementation must be"),
+])
+def test_bad_input_names_the_argument(case, error, match):
+  q, k, v = qkv(12)
+  kwargs = {}
+  if case == "q3d":
+    q = q[0]
+  elif case == "kv_shape":
+    v = v[:, :5]
+  elif case == "head_dim":
+    q = q[..., :4]
+  elif case == "heads":
+    q = q[:, :, :3]
+  elif case == "dtype":
+    k = k.astype(jnp.bfloat16)
+  elif case == "int":
+    q, k, v = (x.astype(jnp.int32) for x in (q, k, v))
+  elif case == "temperature":
+    kwargs["temperature"] = jnp.ones(3)
+  elif case == "negative_temperature":
+    kwargs["temperature"] = -1.0
+  elif case == "positions_shape":
+    kwargs["q_positions"] = jnp.zeros((2, 5), jnp.int32)
+  elif case == "positions_dtype":
+    kwargs["q_positions"] = jnp.zeros((2, 12), jnp.float32)
+  elif case == "implementation":
+    kwargs["implementation"] = "flash"
+  with pytest.raises(error, match=match):
+    gibbs_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.gpu
+def test_cudnn_matches_xla_on_gpu():
+  q, k, v = qkv(13, batch=2, q_len=256, k_len=256, heads=4, head_dim=64, dtype=jnp.bfloat16)
+  fast = gibbs_attention(q, k, v, implementation="cudnn")
+  ref = gibbs_attention(q, k, v, implementation="xla")
+  err = jnp.linalg.norm((fast - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32))
+  assert float(err) < 1e-2
+  positions = jnp.sort(jax.random.choice(jax.random.key(0), 256, (2, 32), replace=False), axis=1)
+  rows = jnp.arange(2)[:, None]
+  gathered = gibbs_attention(q[rows, positions], k, v, q_positions=positions, implementation="cudnn")
+  err = jnp.linalg.norm((gathered - ref[rows, positions]).astype(jnp.float32)) / jnp.linalg.norm(
+      ref[rows, positions].astype(jnp.float32))
+  assert float(err) < 1e-2

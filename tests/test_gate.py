@@ -1,0 +1,103 @@
+"""Gate ops: straight-through values and gradients, exploration, and routing that
+computes only the selected tokens yet equals the dense computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tgn_jax.ops import gate as gate_ops
+
+
+def test_capacity_buckets():
+  assert gate_ops.capacity_buckets(100, (0.0625, 0.125, 0.25, 0.5, 1.0)) == (0, 8, 16, 32, 56, 100)
+  assert gate_ops.capacity_buckets(4, (0.5, 1.0), multiple=1) == (0, 2, 4)
+  assert gate_ops.capacity_buckets(5, (0.01,)) == (0, 5)
+
+
+def test_bucket_index_uses_the_largest_row_count():
+  caps = (0, 2, 4, 8)
+  sel = jnp.zeros((3, 8), bool)
+  assert int(gate_ops.bucket_index(sel, caps)) == 0
+  assert int(gate_ops.bucket_index(sel.at[1, :2].set(True), caps)) == 1
+  assert int(gate_ops.bucket_index(sel.at[1, :3].set(True).at[0, 0].set(True), caps)) == 2
+  assert int(gate_ops.bucket_index(jnp.ones((3, 8), bool), caps)) == 3
+
+
+def test_straight_through_value_and_gradient():
+  prob = jnp.array([[0.2, 0.7, 0.4]])
+  is_open = prob > 0.5
+  weight = jnp.array([[0.0, 1.0, 5.0]])
+  g = gate_ops.straight_through(prob, is_open, weight)
+  np.testing.assert_array_equal(g, [[0.0, 1.0, 0.0]])
+  grad = jax.grad(lambda p: jnp.sum(gate_ops.straight_through(p, is_open, weight) * jnp.array([[1.0, 2.0, 3.0]])))(prob)
+  np.testing.assert_allclose(grad, [[0.0, 2.0, 15.0]])
+
+
+def test_hard_gate_threshold_and_sampling():
+  prob = jnp.full((200, 100), 0.3)
+  assert not bool(jnp.any(gate_ops.hard_gate(prob)))
+  sampled = gate_ops.hard_gate(prob, key=jax.random.key(0))
+  assert abs(float(jnp.mean(sampled)) - 0.3) < 0.01
+
+
+def test_exploration_only_among_closed_tokens():
+  closed = jax.random.bernoulli(jax.random.key(1), 0.5, (100, 100))
+  explore = gate_ops.exploration_mask(closed, 0.1, jax.random.key(2))
+  assert not bool(jnp.any(explore & ~closed))
+  assert abs(float(jnp.sum(explore) / jnp.sum(closed)) - 0.1) < 0.02
+  assert not bool(jnp.any(gate_ops.exploration_mask(closed, 0.1, None)))
+  assert not bool(jnp.any(gate_ops.exploration_mask(closed, 0.0, jax.random.key(2))))
+
+
+def expensive(x_BCD, pos_BC, valid_BC):
+  """A per-token function that also depends on the position."""
+  return jnp.tanh(x_BCD * 2.0) + pos_BC[..., None].astype(x_BCD.dtype)
+
+
+@pytest.mark.parametrize("pattern", ["random", "none", "all", "one_row"])
+def test_route_equals_dense_masked_values_and_gradients(pattern):
+  batch, seq_len, d = 3, 20, 4
+  x = jax.random.normal(jax.random.key(3), (batch, seq_len, d))
+  sel = {"random": jax.random.bernoulli(jax.random.key(4), 0.3, (batch, seq_len)),
+         "none": jnp.zeros((batch, seq_len), bool),
+         "all": jnp.ones((batch, seq_len), bool),
+         "one_row": jnp.zeros((batch, seq_len), bool).at[1, 5:9].set(True)}[pattern]
+  caps = gate_ops.capacity_buckets(seq_len, (0.25, 0.5, 1.0))
+  pos = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+
+  def sparse(x):
+    return gate_ops.route(expensive, sel, x, caps)
+
+  def dense(x):
+    return jnp.where(sel[..., None], expensive(x, pos, None), 0.0)
+
+  np.testing.assert_allclose(jax.jit(sparse)(x), dense(x), rtol=1e-6, atol=1e-5)
+  w = jax.random.normal(jax.random.key(5), (batch, seq_len, d))
+  g_sparse = jax.grad(lambda x: jnp.sum(sparse(x) * w))(x)
+  g_dense = jax.grad(lambda x: jnp.sum(dense(x) * w))(x)
+  np.testing.assert_allclose(g_sparse, g_dense, rtol=1e-6, atol=1e-5)
+
+
+def test_route_runs_only_the_chosen_capacity():
+  """The expensive function runs once, at the smallest sufficient capacity, or not at all."""
+  seen = []
+
+  def record(x_BCD, pos_BC, valid_BC):
+    jax.debug.callback(lambda c: seen.append(int(c)), jnp.int32(x_BCD.shape[1]))
+    return x_BCD
+
+  caps = (0, 4, 8, 16)
+  f = jax.jit(lambda sel, x: gate_ops.route(record, sel, x, caps))
+  x = jnp.ones((2, 16, 3))
+  for count, expected in [(0, []), (3, [4]), (4, [4]), (5, [8]), (16, [16])]:
+    seen.clear()
+    sel = jnp.zeros((2, 16), bool).at[1, :count].set(True)
+    jax.block_until_ready(f(sel, x))
+    jax.effects_barrier()
+    assert seen == expected, (count, seen)
+
+
+def test_route_rejects_bad_capacities():
+  with pytest.raises(ValueError, match="capacities"):
+    gate_ops.route(expensive, jnp.ones((1, 8), bool), jnp.ones((1, 8, 2)), (0, 4))

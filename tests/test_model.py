@@ -1,0 +1,267 @@
+"""The TGN language model: sparse == dense execution, causality in every mode,
+greedy generation == iterated forward passes, the functional facade, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tgn_jax import TGNConfig, TGNLM, count_params, functional
+
+VOCAB, SEQ = 23, 16
+
+
+def config(**overrides):
+  base = dict(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=32, d_mlp=32,
+              capacity_buckets=(0.25, 0.5, 1.0))
+  base.update(overrides)
+  return TGNConfig(**base)
+
+
+def tokens(seed, batch=3, seq_len=SEQ):
+  return jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, VOCAB)
+
+
+MODES = [dict(mixer="tgn", gate=g, recurrence=r) for g in ("hard", "soft", "open", "closed")
+         for r in ("mingru", "gru")] + [dict(mixer="attention"), dict(mixer="recurrent")]
+
+
+def mode_id(mode):
+  return "-".join(str(v) for v in mode.values())
+
+
+# ---------------------------------------------------------------------------- execution
+
+
+@pytest.mark.parametrize("bias", [0.0, -30.0, 30.0], ids=["random", "all_closed", "all_open"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sparse_equals_dense_logits_and_gradients(bias, training):
+  kw = dict(gate="hard", gate_bias_init=bias, exploration=0.25 if training else 0.0,
+            gate_sampling=training)
+  sparse_def, params = functional.init(config(attention_execution="sparse", **kw), jax.random.key(0))
+  dense_def, dense_params = functional.init(config(attention_execution="dense", **kw), jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, params, dense_params)
+  toks = tokens(1)
+  rng = jax.random.key(2) if training else None
+  weights = jax.random.normal(jax.random.key(3), (3, SEQ, VOCAB))
+
+  def loss(params, model_def):
+    logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None)
+    return jnp.sum(logits * weights) + jnp.sum(aux.gate_prob), (logits, aux)
+
+  (_, (logits_s, aux_s)), grads_s = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                            static_argnums=1)(params, sparse_def)
+  (_, (logits_d, aux_d)), grads_d = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                            static_argnums=1)(params, dense_def)
+  np.testing.assert_array_equal(aux_s.gate, aux_d.gate)
+  open_rate = float(jnp.mean(aux_s.open_rate))
+  if bias < 0:
+    assert open_rate == 0.0
+  elif bias > 0:
+    assert open_rate == 1.0
+  else:
+    assert 0.1 < open_rate < 0.9
+  scale = float(jnp.max(jnp.abs(logits_d)))
+  np.testing.assert_allclose(logits_s, logits_d, rtol=1e-5, atol=1e-5 * scale)
+  for (path, gs), gd in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(grads_d)):
+    tol = 1e-4 * max(1.0, float(jnp.max(jnp.abs(gd))))
+    np.testing.assert_allclose(gs, gd, rtol=1e-4, atol=tol, err_msg=jax.tree_util.keystr(path))
+
+
+def test_exploration_gives_closed_gates_a_gradient():
+  toks = tokens(4)
+
+  def gate_grad(exploration):
+    model_def, params = functional.init(
+        config(gate="hard", gate_bias_init=-3.0, exploration=exploration), jax.random.key(0))
+
+    def loss(params):
+      logits, aux = functional.apply(model_def, params, toks, rng=jax.random.key(5), stats=None)
+      assert_closed = aux.open_rate
+      return jnp.mean(logits ** 2), assert_closed
+    grads, open_rate = jax.grad(loss, has_aux=True)(params)
+    assert float(jnp.max(open_rate)) == 0.0
+    return grads["blocks"]["gate_head"]["out"]["kernel"][...]
+
+  assert float(jnp.max(jnp.abs(gate_grad(0.0)))) == 0.0
+  assert float(jnp.max(jnp.abs(gate_grad(0.5)))) > 0.0
+
+
+# ---------------------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+def test_causality(mode):
+  model = TGNLM(config(gate_bias_init=0.0, exploration=0.3, gate_sampling=True, **mode),
+                rngs=nnx.Rngs(0))
+  forward = jax.jit(lambda t: model(t, rng=jax.random.key(7), stats=None)[0])
+  base = tokens(6)
+  logits = forward(base)
+  for t in (0, 5, SEQ - 2):
+    changed = base.at[:, t + 1:].set((base[:, t + 1:] + 1 + t) % VOCAB)
+    other = forward(changed)
+    np.testing.assert_allclose(other[:, :t + 1], logits[:, :t + 1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(other[:, t + 1:], logits[:, t + 1:])
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m.get("gate") not in ("open", "closed")
+                                  or m.get("recurrence") == "mingru"], ids=mode_id)
+def test_greedy_generate_equals_iterated_forward(mode):
+  model = TGNLM(config(gate_bias_init=0.0, **mode), rngs=nnx.Rngs(1))
+  prompt_len, new = 6, 8
+  prompt = tokens(8, batch=4, seq_len=prompt_len)
+  generated = model.generate(prompt, new)
+  assert generated.shape == (4, prompt_len + new) and generated.dtype == jnp.int32
+  np.testing.assert_array_equal(generated[:, :prompt_len], prompt)
+  # Iterate full forward passes on a fixed-length buffer (causality makes padding harmless).
+  forward = jax.jit(lambda t: model(t, stats=None)[0])
+  buffer = jnp.zeros((4, prompt_len + new), jnp.int32).at[:, :prompt_len].set(prompt)
+  for i in range(new):
+    logits = forward(buffer)
+    buffer = buffer.at[:, prompt_len + i].set(jnp.argmax(logits[:, prompt_len + i - 1], -1))
+  np.testing.assert_array_equal(generated, buffer)
+
+
+def test_generate_samples_with_temperature_and_checks_input():
+  model = TGNLM(config(), rngs=nnx.Rngs(2))
+  prompt = tokens(9, batch=2, seq_len=4)
+  a = model.generate(prompt, 10, temperature=1.0, rng=jax.random.key(0))
+  b = model.generate(prompt, 10, temperature=1.0, rng=jax.random.key(0))
+  c = model.generate(prompt, 10, temperature=1.0, rng=jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  with pytest.raises(ValueError, match="needs an rng"):
+    model.generate(prompt, 3, temperature=0.5)
+  with pytest.raises(ValueError, match="exceeds max_seq_len"):
+    model.generate(prompt, 40)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    model.generate(prompt, 0)
+
+
+# ---------------------------------------------------------------------------- facade & dtypes
+
+
+def test_functional_apply_under_jit_grad_vmap():
+  model_def, params = functional.init(config(), jax.random.key(3))
+  toks = tokens(10)
+  eager, _ = functional.apply(model_def, params, toks)
+  jitted, _ = jax.jit(functional.apply, static_argnums=0)(model_def, params, toks)
+  np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+
+  def loss(params, toks):
+    logits, _ = functional.apply(model_def, params, toks, stats=None)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, toks[..., None], -1)[..., 0])
+  grads = jax.jit(jax.grad(loss))(params, toks)
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.max(jnp.abs(grads["embed"]["embedding"][...]))) > 0
+  stacked = jnp.stack([toks, tokens(11)])
+  vmapped = jax.vmap(lambda t: functional.apply(model_def, params, t, stats=None)[0])(stacked)
+  np.testing.assert_allclose(vmapped[0], eager, rtol=1e-5, atol=1e-5)
+
+
+def test_tree_mode_split_merge_round_trip():
+  model = TGNLM(config(temperature="learned"), rngs=nnx.Rngs(4))
+  graph_def, state = nnx.split(model, graph=False)
+  clone = nnx.merge(graph_def, state)
+  toks = tokens(12)
+  np.testing.assert_array_equal(model(toks)[0], clone(toks)[0])
+
+
+@pytest.mark.parametrize("mode", [dict(gate="hard"), dict(gate="soft", recurrence="gru"),
+                                  dict(mixer="attention")], ids=mode_id)
+def test_bfloat16_forward_and_grad_finite(mode):
+  model_def, params = functional.init(config(dtype="bfloat16", **mode), jax.random.key(5))
+  toks = tokens(13)
+
+  def loss(params):
+    logits, aux = functional.apply(model_def, params, toks, rng=jax.random.key(0))
+    return jnp.mean(logits ** 2), (logits, aux)
+  grads, (logits, aux) = jax.jit(jax.grad(loss, has_aux=True))(params)
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert bool(jnp.all(jnp.isfinite(aux.stats.entropy)))
+
+
+# ---------------------------------------------------------------------------- aux
+
+
+def test_aux_shapes_and_stat_means():
+  model = TGNLM(config(gate_bias_init=0.0), rngs=nnx.Rngs(6))
+  logits, aux = model(tokens(14), stats="token")
+  assert logits.shape == (3, SEQ, VOCAB)
+  assert aux.gate_prob.shape == aux.gate.shape == (2, 3, SEQ)
+  assert aux.open_rate.shape == aux.compute_rate.shape == (2,)
+  assert aux.token_stats.entropy.shape == (2, 3, SEQ, 2)
+  is_open = np.asarray(aux.gate) > 0.5
+  np.testing.assert_allclose(aux.open_rate, is_open.mean(axis=(1, 2)))
+  np.testing.assert_array_equal(is_open, np.asarray(aux.gate_prob) > 0.5)
+  token = np.asarray(aux.token_stats.specific_heat)
+  assert np.all(np.isnan(token[~is_open]))  # not computed: no value pretends otherwise
+  for layer in range(2):
+    np.testing.assert_allclose(aux.stats.specific_heat[layer], token[layer][is_open[layer]].mean(),
+                               rtol=1e-5)
+  _, aux_none = model(tokens(14), stats=None)
+  assert aux_none.stats is None and aux_none.token_stats is None
+
+
+def test_learned_temperature_is_trained():
+  model_def, params = functional.init(config(temperature="learned", mixer="attention"), jax.random.key(7))
+  grads = jax.grad(lambda p: jnp.mean(functional.apply(model_def, p, tokens(15))[0] ** 2))(params)
+  assert float(jnp.min(jnp.abs(grads["blocks"]["attention"]["log_temperature"][...]))) > 0
+
+
+def test_count_params_matches_module_sizes():
+  d, n_layers, mlp, vocab = 16, 2, 32, VOCAB
+  attention = 4 * d * d
+  block_common = 2 * d + 2 * d * mlp  # two norms + MLP (no biases)
+  expected_transformer = vocab * d + d + n_layers * (block_common + attention)
+  assert count_params(config(mixer="attention")) == expected_transformer
+  gate = d * (d // 4 if d // 4 >= 8 else 8) + (d // 4 if d // 4 >= 8 else 8) + (8 if d // 4 < 8 else d // 4) + 1
+  mingru = d * 2 * d + 2 * d
+  assert count_params(config()) == expected_transformer + n_layers * (mingru + gate)
+  model = TGNLM(config(), rngs=nnx.Rngs(0))
+  assert count_params(model) == count_params(config()) == count_params(nnx.state(model))
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(d_model=30, n_heads=4), "d_model .* divisible by n_heads"),
+    (dict(d_model=0), "d_model must be a positive integer"),
+    (dict(n_layers=-1), "n_layers must be a positive integer"),
+    (dict(vocab_size=2.5), "vocab_size must be a positive integer"),
+    (dict(mixer="mamba"), "mixer must be one of"),
+    (dict(gate="half"), "gate must be one of"),
+    (dict(recurrence="lstm"), "recurrence must be one of"),
+    (dict(attention_execution="sparse", gate="soft"), "needs gate='hard'"),
+    (dict(exploration=1.0), "exploration must be in"),
+    (dict(temperature=-1.0), "temperature must be a positive number"),
+    (dict(temperature="hot"), "temperature must be None"),
+    (dict(dtype="float8"), "dtype must be one of"),
+    (dict(capacity_buckets=(0.5, 0.25, 1.0)), "capacity_buckets"),
+    (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
+])
+def test_config_validation(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    config(**overrides)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (jnp.zeros((3,), jnp.int32), ValueError, r"tokens must be an int array \[B, T\]"),
+    (jnp.zeros((2, 4), jnp.float32), TypeError, "integer token ids"),
+    (jnp.zeros((2, 40), jnp.int32), ValueError, "exceeds max_seq_len"),
+    (jnp.full((2, 4), VOCAB), ValueError, r"must lie in \[0, vocab_size"),
+])
+def test_bad_tokens(bad, error, match):
+  model = TGNLM(config(), rngs=nnx.Rngs(0))
+  with pytest.raises(error, match=match):
+    model(bad)
+  with pytest.raises(ValueError, match="stats must be"):
+    model(tokens(0), stats="all")

@@ -1,0 +1,42 @@
+"""Batch container, data error type and the (seed, step) -> RNG rule shared by all tasks."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+_U32 = 2**32
+# Held-out streams put a nonzero word where every training stream has none, so their
+# SeedSequence entropy can never equal a training one (training seeds/steps are < 2**32).
+_HELDOUT_TAG = 0x65766C31  # "evl1"
+
+
+class Batch(NamedTuple):
+    """One batch. inputs/targets int32 [B, T]; mask float32 [B, T], 1.0 where scored."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+
+
+class DataError(ValueError):
+    """Bad data input (missing/empty/unreadable file, invalid task option); one-line message."""
+
+
+def _check_u32(name: str, value: int) -> None:
+    if not 0 <= int(value) < _U32:
+        raise DataError(f"{name} must be in [0, 2**32), got {value}")
+
+
+def batch_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator for training batch `step` of run `seed`; pure function of (seed, step)."""
+    _check_u32("seed", seed)
+    _check_u32("step", step)
+    return np.random.default_rng([int(seed), int(step)])
+
+
+def heldout_rng(seed: int) -> np.random.Generator:
+    """A generator for held-out data, disjoint from every `batch_rng(seed', step')` stream."""
+    _check_u32("seed", seed)
+    return np.random.default_rng([int(seed), 0, _HELDOUT_TAG])
