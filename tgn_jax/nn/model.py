@@ -65,14 +65,14 @@ class TGNLM(nnx.Module):
     stats: "mean" (per-layer means of the attention observables), "token" (also
       the per-token values) or None (skip their extra pass).
     """
-    logits, aux, _ = self._forward(tokens_BT, rng=rng, stats=stats)
-    return logits, aux
+    _check_tokens(tokens_BT, self.config)
+    if stats not in (None, "mean", "token"):
+      raise ValueError(f"stats must be None, 'mean' or 'token', got {stats!r}")
+    graph_def, state = nnx.split(self)
+    return _apply(graph_def, state, tokens_BT, rng, stats)
 
   def _forward(self, tokens_BT, *, rng, stats: StatsMode, cache_len: Optional[int] = None):
     cfg = self.config
-    _check_tokens(tokens_BT, cfg)
-    if stats not in (None, "mean", "token"):
-      raise ValueError(f"stats must be None, 'mean' or 'token', got {stats!r}")
     batch, seq_len = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
     capacities = capacity_buckets(seq_len, cfg.capacity_buckets)
@@ -121,6 +121,14 @@ class TGNLM(nnx.Module):
     graph_def, state = nnx.split(self)
     return _generate(graph_def, state, jnp.asarray(prompt_BP, jnp.int32), key,
                      jnp.float32(max(temperature, 1e-6)), max_new_tokens, sample)
+
+
+# Jitted entry points: eager calls then hit the compilation cache (keyed on the static
+# model structure); inside a user's jit they are simply inlined.
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _apply(graph_def, state, tokens_BT, rng, stats):
+  logits, aux, _ = nnx.merge(graph_def, state)._forward(tokens_BT, rng=rng, stats=stats)
+  return logits, aux
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
