@@ -11,6 +11,9 @@ from tgn_jax.ops import gate as gate_ops
 
 def test_capacity_buckets():
   assert gate_ops.capacity_buckets(100, (0.0625, 0.125, 0.25, 0.5, 1.0)) == (0, 8, 16, 32, 56, 100)
+  assert gate_ops.capacity_buckets(2048, (0.0625, 0.125, 0.15625, 1.0), multiple=64) == (
+      0, 128, 256, 320, 2048)
+  assert gate_ops.capacity_buckets(32, (0.0625, 0.5, 1.0), multiple=64) == (0, 32)
   assert gate_ops.capacity_buckets(4, (0.5, 1.0), multiple=1) == (0, 2, 4)
   assert gate_ops.capacity_buckets(5, (0.01,)) == (0, 5)
 
@@ -30,8 +33,9 @@ def test_straight_through_value_and_gradient():
   weight = jnp.array([[0.0, 1.0, 5.0]])
   g = gate_ops.straight_through(prob, is_open, weight)
   np.testing.assert_array_equal(g, [[0.0, 1.0, 0.0]])
-  grad = jax.grad(lambda p: jnp.sum(gate_ops.straight_through(p, is_open, weight) * jnp.array([[1.0, 2.0, 3.0]])))(prob)
-  np.testing.assert_allclose(grad, [[0.0, 2.0, 15.0]])
+  upstream = jnp.array([[1.0, 2.0, 3.0]])
+  grad = jax.grad(lambda p: jnp.sum(gate_ops.straight_through(p, is_open, weight) * upstream))(prob)
+  np.testing.assert_allclose(grad, weight * upstream)
 
 
 def test_hard_gate_threshold_and_sampling():
@@ -101,3 +105,22 @@ def test_route_runs_only_the_chosen_capacity():
 def test_route_rejects_bad_capacities():
   with pytest.raises(ValueError, match="capacities"):
     gate_ops.route(expensive, jnp.ones((1, 8), bool), jnp.ones((1, 8, 2)), (0, 4))
+
+
+@pytest.mark.parametrize("segment_len", [1, 5, 7, 20, 64])
+def test_route_causal_segments_equals_dense(segment_len):
+  """Per-segment routing with absolute positions and key prefixes equals the dense causal sum."""
+  batch, seq_len = 2, 20
+  keys = jax.random.normal(jax.random.key(6), (batch, seq_len))
+  x = jax.random.normal(jax.random.key(7), (batch, seq_len, 1))
+  sel = jax.random.bernoulli(jax.random.key(8), 0.4, (batch, seq_len))
+  rows = jnp.arange(batch)[:, None]
+
+  def prefix_sum(x_BC1, pos_BC, valid_BC, end):
+    visible = jnp.arange(end)[None, None, :] <= pos_BC[:, :, None]
+    return x_BC1 * jnp.sum(jnp.where(visible, keys[:, None, :end], 0.0), axis=-1, keepdims=True)
+
+  sparse = jax.jit(lambda x: gate_ops.route_causal_segments(prefix_sum, sel, x, (0.5, 1.0),
+                                                            segment_len))
+  dense = jnp.where(sel[..., None], x * jnp.cumsum(keys, axis=1)[..., None], 0.0)
+  np.testing.assert_allclose(sparse(x), dense, rtol=1e-5, atol=1e-5)

@@ -40,8 +40,12 @@ class TGNConfig:
     (initialised at sqrt(head_dim)).
   exploration: fraction of closed-gate tokens whose attention is computed (not
     mixed) in training, to give closed gates a straight-through gradient.
-  capacity_buckets: fractions of the sequence length; the hard gate gathers the
+  capacity_buckets: fractions of a segment's length; the hard gate gathers the
     open tokens into the smallest bucket that holds the batch's largest count.
+  segment_len: sparse execution gathers per segment of this many tokens, and each
+    segment's queries read only the keys up to its end (causal work saved).
+  capacity_multiple: capacities are rounded up to a multiple of this (a GPU tile);
+    short sequences then use few buckets (and compile few branches).
   """
 
   vocab_size: int
@@ -57,9 +61,12 @@ class TGNConfig:
   gate_threshold: float = 0.5
   gate_sampling: bool = False
   gate_hidden: Optional[int] = None
-  gate_bias_init: float = 2.0
+  gate_bias_init: float = 0.0
   attention_execution: Optional[Execution] = None
-  capacity_buckets: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
+  capacity_buckets: tuple[float, ...] = (0.0625, 0.125, 0.15625, 0.1875, 0.25, 0.375, 0.5, 0.75,
+                                         1.0)
+  segment_len: int = 2048
+  capacity_multiple: int = 64
   temperature: Union[None, float, str] = None
   exploration: float = 0.02
   rope: bool = True
@@ -70,7 +77,8 @@ class TGNConfig:
   remat: bool = False
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "segment_len",
+                 "capacity_multiple"):
       _require_positive_int(name, getattr(self, name))
     for name in ("n_kv_heads", "d_mlp", "gate_hidden"):
       value = getattr(self, name)

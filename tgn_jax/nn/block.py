@@ -8,7 +8,7 @@ gate) and mixer="recurrent" (y = r, no attention or gate).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +51,12 @@ class Block(nnx.Module):
     self.norm_mlp = rms_norm(config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, capacities: Sequence[int],
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
                key: Optional[jax.Array] = None, return_stats: bool = False,
                cache_len: Optional[int] = None
                ) -> tuple[jax.Array, LayerAux, Optional[LayerCache]]:
     """One layer over a whole sequence.
 
-    capacities: static gather capacities of the hard gate (gate_ops.capacity_buckets).
     key: randomness for training (gate sampling, exploration); None = deterministic.
     cache_len: if given, also return a LayerCache padded to this length (prefill).
     """
@@ -85,12 +84,12 @@ class Block(nnx.Module):
       prob = gate = 0.0 * ones
       computed = stats_mask = ~all_tokens
     elif cfg.gate == "soft":
-      prob = gate = self.gate_head(r)
+      prob = gate = jax.nn.sigmoid(self.gate_head(r))
       a, stats = dense_attention()
       y = r + prob[..., None] * (a - r)
       computed = stats_mask = all_tokens
     else:
-      prob = self.gate_head(r)
+      prob = jax.nn.sigmoid(self.gate_head(r))
       sample_key, explore_key = jax.random.split(key) if key is not None else (None, None)
       is_open = gate_ops.hard_gate(prob, threshold=cfg.gate_threshold,
                                    key=sample_key if cfg.gate_sampling else None)
@@ -101,10 +100,10 @@ class Block(nnx.Module):
       weight = jnp.where(is_open, 1.0, jnp.where(explore, 1.0 / max(cfg.exploration, 1e-9), 0.0))
       gate = gate_ops.straight_through(prob, is_open, weight)
       if cfg.execution == "sparse":
-        a, stats = gate_ops.route(
-            lambda h_BCD, pos_BC, valid_BC: self.attention.attend(
-                h_BCD, pos_BC, k, v, return_stats=return_stats),
-            computed, h, capacities)
+        a, stats = gate_ops.route_causal_segments(
+            lambda h_BCD, pos_BC, valid_BC, end: self.attention.attend(
+                h_BCD, pos_BC, k[:, :end], v[:, :end], return_stats=return_stats),
+            computed, h, cfg.capacity_buckets, cfg.segment_len, cfg.capacity_multiple)
       else:
         a, stats = dense_attention()
       y = r + gate[..., None] * (a - r)
@@ -153,10 +152,10 @@ class Block(nnx.Module):
     elif cfg.mixer == "recurrent" or cfg.gate == "closed":
       y = r
     elif cfg.gate == "soft":
-      prob = self.gate_head(r)
+      prob = jax.nn.sigmoid(self.gate_head(r))
       y = r + prob[..., None] * (dense_attention() - r)
     else:
-      is_open = self.gate_head(r)[:, 0] > cfg.gate_threshold  # [B]
+      is_open = jax.nn.sigmoid(self.gate_head(r)[:, 0]) > cfg.gate_threshold  # [B]
 
       def attend_rows(h_1CD, rows_1C, valid_1C):
         rows = rows_1C[0]

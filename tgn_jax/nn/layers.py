@@ -32,7 +32,7 @@ class MLP(nnx.Module):
 
 
 class GateHead(nnx.Module):
-  """g_t = sigmoid(MLP(r_t)): the open probability of each token, float32 [B, T].
+  """The gate logit MLP(r_t) of each token, float32 [B, T]; g_t = sigmoid(logit).
 
   Reads only the recurrent state r_t, so the gate is causal.
   """
@@ -43,5 +43,4 @@ class GateHead(nnx.Module):
                       bias_init=nnx.initializers.constant(config.gate_bias_init))
 
   def __call__(self, r_BTD: jax.Array) -> jax.Array:
-    logit = self.out(jax.nn.gelu(self.hidden(r_BTD)))[..., 0]
-    return jax.nn.sigmoid(logit.astype(jnp.float32))
+    return self.out(jax.nn.gelu(self.hidden(r_BTD)))[..., 0].astype(jnp.float32)

@@ -15,7 +15,6 @@ from tgn_jax.config import TGNConfig
 from tgn_jax.nn.block import Block, LayerAux, LayerCache
 from tgn_jax.nn.layers import rms_norm
 from tgn_jax.ops.attention import ThermoStats
-from tgn_jax.ops.gate import capacity_buckets
 
 StatsMode = Literal[None, "mean", "token"]
 
@@ -71,18 +70,18 @@ class TGNLM(nnx.Module):
     graph_def, state = nnx.split(self)
     return _apply(graph_def, state, tokens_BT, rng, stats)
 
-  def _forward(self, tokens_BT, *, rng, stats: StatsMode, cache_len: Optional[int] = None):
+  def _forward(self, tokens_BT, *, rng, stats: StatsMode, cache_len: Optional[int] = None,
+               last_logits_only: bool = False):
     cfg = self.config
     batch, seq_len = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-    capacities = capacity_buckets(seq_len, cfg.capacity_buckets)
     block_def, block_state = nnx.split(self.blocks)
     layer_keys = jax.random.split(rng, cfg.n_layers) if rng is not None else None
 
     def layer(x, inputs):
       state, key = inputs
       x, aux, cache = nnx.merge(block_def, state)(
-          x, positions_BT, capacities=capacities, key=key, return_stats=stats is not None,
+          x, positions_BT, key=key, return_stats=stats is not None,
           cache_len=cache_len)
       return x, (aux, cache)
 
@@ -90,6 +89,8 @@ class TGNLM(nnx.Module):
       layer = jax.checkpoint(layer, prevent_cse=False)
     x = self.embed(tokens_BT)
     x, (layer_aux, caches) = jax.lax.scan(layer, x, (block_state, layer_keys))
+    if last_logits_only:  # prefill: [B, 1, V], not the full [B, T, V]
+      x = x[:, -1:]
     return self._logits(x), _summarize(layer_aux, stats, cfg), caches
 
   def _logits(self, x_BTD: jax.Array) -> jax.Array:
@@ -137,7 +138,8 @@ def _generate(graph_def, state, prompt_BP, key, temperature, max_new_tokens: int
   cfg = model.config
   prompt_len = prompt_BP.shape[1]
   logits, _, stacked = model._forward(prompt_BP, rng=None, stats=None,
-                                      cache_len=prompt_len + max_new_tokens)
+                                      cache_len=prompt_len + max_new_tokens,
+                                      last_logits_only=True)
   # Unstack once, outside the decode loop, so each step updates its caches in place.
   caches = tuple(jax.tree.map(lambda c: c[i], stacked) for i in range(cfg.n_layers))
   block_def, block_state = nnx.split(model.blocks)
@@ -170,7 +172,8 @@ def _generate(graph_def, state, prompt_BP, key, temperature, max_new_tokens: int
 def _stacked_blocks(config: TGNConfig, key: jax.Array) -> Block:
   """A Block whose parameters carry a leading [n_layers] axis (one init per layer)."""
   keys = jax.random.split(key, config.n_layers)
-  state = jax.vmap(lambda k: nnx.state(Block(config, rngs=nnx.Rngs(k))))(keys)
+  # One compiled initialisation instead of many small eager ops.
+  state = jax.jit(jax.vmap(lambda k: nnx.state(Block(config, rngs=nnx.Rngs(k)))))(keys)
   block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))
   return nnx.merge(block_def, state)
 

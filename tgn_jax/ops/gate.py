@@ -99,3 +99,27 @@ def route(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
 
   index = bucket_index(selected_BT, capacities)
   return jax.lax.switch(index, [skip] + branches, selected_BT, operands)
+
+
+def route_causal_segments(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
+                          fractions: Sequence[float], segment_len: int,
+                          multiple: int = 8) -> PyTree:
+  """`route` run separately on consecutive segments of the sequence.
+
+  fn(gathered, positions_BC, valid_BC, segment_end) also gets the static end of the
+  segment (positions are absolute), so a causal consumer such as attention reads only
+  the key prefix [0, segment_end): about half the work of one gather over the whole
+  sequence, and each segment picks its own capacity bucket.
+  Capacities are `fractions` of the segment length rounded up to `multiple`.
+  """
+  seq_len = selected_BT.shape[1]
+  if segment_len < 1:
+    raise ValueError(f"segment_len must be positive, got {segment_len}")
+  outputs = []
+  for start in range(0, seq_len, segment_len):
+    end = min(start + segment_len, seq_len)
+    segment_fn = lambda x, pos, valid, start=start, end=end: fn(x, pos + start, valid, end)
+    outputs.append(route(segment_fn, selected_BT[:, start:end],
+                         jax.tree.map(lambda x: x[:, start:end], operands),
+                         capacity_buckets(end - start, fractions, multiple)))
+  return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outputs)
