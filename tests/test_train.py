@@ -1,0 +1,295 @@
+"""train.py end to end: learning, exact resume, the thermostat, text data, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tgn_jax.training import cli, loop
+from tgn_jax.training.config import resolve
+from tgn_jax.training.tasks import make_task
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--batch_size=16", "--d_model=32", "--eval_examples=64", "--log_every=5",
+        "--eval_every=25", "--checkpoint_every=25", "--soft_warmup=0", "--no-progress",
+        "--no-plots"]
+
+
+def records(run_dir, kind):
+  lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+def summary(run_dir):
+  return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def run_main(args, capsys):
+  try:
+    code = cli.main(args)
+  except SystemExit as e:  # argparse
+    code = e.code
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------- learning
+
+
+@pytest.fixture(scope="module")
+def mqar_run(tmp_path_factory):
+  """The default task and model (soft warm-up, then hard gate + thermostat), 400 steps.
+
+  Run as a subprocess with XLA's default optimisation: this run is long enough that
+  execution, not compilation, dominates.
+  """
+  out = tmp_path_factory.mktemp("mqar") / "run"
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
+      "--xla_backend_optimization_level=0", ""))
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "train.py"), "--steps=400", "--eval_every=100",
+       "--no-progress", f"--out={out}"], capture_output=True, text=True, env=env, timeout=600)
+  assert result.returncode == 0, result.stderr
+  return out, result.stdout
+
+
+@pytest.mark.xdist_group("mqar_run")
+def test_mqar_accuracy_rises_far_above_chance(mqar_run):
+  out, stdout = mqar_run
+  s = summary(out)
+  chance = 1 / 32  # 32 possible values
+  assert s["final"]["eval_accuracy"] > 0.8 > 20 * chance, s["final"]
+  assert "eval accuracy" in stdout and str(out) in stdout
+  train = records(out, "train")
+  for key in ("step", "loss", "ce", "lam", "gate_soft", "gate_hard", "lr", "tokens_per_sec"):
+    assert key in train[-1]
+  assert train[0]["gate_mode"] == "soft" and train[-1]["gate_mode"] == "hard"
+  evals = records(out, "eval")
+  assert [e["step"] for e in evals] == [100, 200, 300, 400]
+  assert len(evals[-1]["specific_heat"]) == 2 and len(evals[-1]["open_rate_scored"]) == 2
+  for name in ("loss.png", "gate.png", "lam.png", "specific_heat.png", "accuracy.png"):
+    assert (out / "plots" / name).stat().st_size > 1000
+  assert sorted(int(p.name) for p in (out / "checkpoints").iterdir())[-1] == 400
+
+
+@pytest.mark.xdist_group("mqar_run")
+def test_thermostat_moves_open_rate_to_target(mqar_run):
+  out, _ = mqar_run
+  target = summary(out)["config"]["target_rate"]
+  hard = [r for r in records(out, "train") if r["gate_mode"] == "hard"]
+  start_rate, final_rate = hard[0]["gate_hard"], np.mean([r["gate_hard"] for r in hard[-4:]])
+  assert start_rate > 0.6 and final_rate < start_rate - 0.25, (start_rate, final_rate)
+  assert abs(final_rate - target) < abs(start_rate - target) / 2, (start_rate, final_rate)
+  assert hard[-1]["lam"] > hard[0]["lam"]
+
+
+@pytest.mark.xdist_group("mqar_run")
+def test_out_holding_a_run_is_not_overwritten(mqar_run, capsys):
+  out, _ = mqar_run
+  before = (out / "metrics.jsonl").read_text()
+  code, _, err = run_main(["--steps=5", f"--out={out}"], capsys)
+  assert code == 2 and "already holds a run" in err
+  code, _, err = run_main([f"--out={out}", "--resume", "--d_model=16"], capsys)
+  assert code == 2 and "--d_model cannot change on --resume" in err
+  assert (out / "metrics.jsonl").read_text() == before
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def interrupt_at(monkeypatch, step):
+  """Make the run receive SIGINT while fetching the batch of `step` (deterministic)."""
+  original = loop.make_task
+
+  def patched(config):
+    task = original(config)
+    fetch = task.train_batch
+
+    def train_batch(s):
+      if s == step:
+        os.kill(os.getpid(), signal.SIGINT)
+      return fetch(s)
+    task.train_batch = train_batch
+    return task
+  monkeypatch.setattr(loop, "make_task", patched)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+  # Interrupted in the soft-gate phase, resumed across the switch to the hard gate.
+  args = TINY + ["--steps=60", "--checkpoint_every=1000", "--soft_warmup=30", "--lam_warmup=20"]
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  assert run_main(args + [f"--out={whole}"], capsys)[0] == 0
+
+  with monkeypatch.context() as m:
+    interrupt_at(m, 25)
+    code, stdout, err = run_main(args + [f"--out={split}"], capsys)
+  assert code == 128 + signal.SIGINT
+  assert "received SIGINT" in err and "--resume" in stdout
+  first = summary(split)
+  assert first["interrupted_by"] == signal.SIGINT and first["steps_completed"] < 60
+  assert (split / "checkpoints" / str(first["steps_completed"])).is_dir()
+
+  code, _, _ = run_main([f"--out={split}", "--resume"], capsys)
+  assert code == 0
+  a, b = records(whole, "train"), records(split, "train")
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  stopped = first["steps_completed"]
+  for ra, rb in zip(a, b):
+    # A record averages the steps since the previous one; the one right after the resume
+    # point covers fewer steps, every other one must match exactly.
+    if stopped < ra["step"] < stopped + 5:
+      continue
+    for key in ("loss", "ce", "lam", "gate_hard", "gate_soft", "lr", "grad_norm"):
+      assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+  final_whole, final_split = records(whole, "eval")[-1], records(split, "eval")[-1]
+  final_whole.pop("elapsed"), final_split.pop("elapsed")
+  assert final_whole == final_split
+  assert summary(whole)["lam"] == summary(split)["lam"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  out = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, str(ROOT / "train.py"), *TINY, "--steps=100000", f"--out={out}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+  metrics = out / "metrics.jsonl"
+  deadline = time.time() + 120
+  while not (metrics.exists() and metrics.stat().st_size > 0):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr
+  assert "Traceback" not in stderr and "received SIGTERM" in stderr
+  s = summary(out)
+  assert s["interrupted_by"] == signal.SIGTERM
+  assert (out / "checkpoints" / str(s["steps_completed"]) / "_CHECKPOINT_METADATA").exists()
+
+
+# ---------------------------------------------------------------------------- other tasks
+
+
+TEXT = ["--task=text", "--steps=40", "--seq_len=32", "--batch_size=8", "--d_model=32",
+        "--eval_every=20", "--eval_batches=2", "--no-progress", "--no-plots"]
+
+
+def test_text_task_on_a_small_file(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("TGN_JAX_CACHE", str(tmp_path / "cache"))
+  data = tmp_path / "corpus.txt"
+  data.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+  out = tmp_path / "run"
+  code, stdout, _ = run_main(TEXT + [f"--data={data}", f"--out={out}"], capsys)
+  assert code == 0
+  bpb = [r["eval_bpb"] for r in records(out, "eval")]
+  assert bpb[-1] < bpb[0] and bpb[-1] < 6.0  # learning; a uniform byte costs 8 bits
+  assert "bits/byte" in stdout
+
+
+def test_text_task_embedded_default_corpus(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("TGN_JAX_CACHE", str(tmp_path / "cache"))
+  out = tmp_path / "run"
+  code, _, _ = run_main(TEXT + [f"--out={out}"], capsys)
+  assert code == 0
+  s = summary(out)
+  assert "standard library" in s["description"] and 0 < s["final"]["eval_bpb"] < 9
+
+
+def test_modadd_logs_specific_heat_and_train_accuracy(tmp_path, capsys):
+  out = tmp_path / "run"
+  code, _, _ = run_main(["--task=modadd", "--p=13", "--steps=20", "--eval_every=10",
+                         "--d_model=32", "--d_mlp=64", "--no-progress", f"--out={out}"], capsys)
+  assert code == 0
+  evals = records(out, "eval")
+  assert [r["step"] for r in evals] == [10, 20]
+  for r in evals:
+    assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["eval_accuracy"] <= 1
+    assert len(r["specific_heat"]) == 1 and r["specific_heat"][0] >= 0
+  assert summary(out)["config"]["weight_decay"] == 1.0  # the Nanda preset
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task=poetry"], "--task"),
+    (["--no_such_flag=1"], "unrecognized arguments: --no_such_flag"),
+    (["--d_model=30", "--n_heads=4"], "d_model (30) must be divisible by n_heads"),
+    (["--steps=0"], "--steps must be a positive integer"),
+    (["--steps=many"], "--steps: invalid int value"),
+    (["--lr=-1"], "--lr must be a positive number"),
+    (["--mixer=mamba"], "mixer must be one of"),
+    (["--num_kv=100"], "num_kv"),
+    (["--task=text", "--data=/no/such/corpus"], "/no/such/corpus"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
+  monkeypatch.chdir(tmp_path)
+  code, _, err = run_main(args + ["--no-progress"], capsys)
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+  assert not (tmp_path / "runs").exists()
+
+
+def test_bad_data_and_out_paths(tmp_path, capsys):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  not_dir = tmp_path / "file"
+  not_dir.write_text("x")
+  cases = [
+      (["--task=text", f"--data={empty}", f"--out={tmp_path / 'r1'}"], "empty"),
+      (["--task=text", f"--data={tmp_path / 'emptydir'}", f"--out={tmp_path / 'r2'}"], "emptydir"),
+      ([f"--out={not_dir / 'run'}"], "not a directory"),
+      ([f"--out={tmp_path / 'never'}", "--resume"], "no checkpoint to resume"),
+  ]
+  (tmp_path / "emptydir").mkdir()
+  for args, message in cases:
+    code, _, err = run_main(args + ["--no-progress"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+  assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+  assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_non_writable_out(tmp_path, capsys):
+  locked = tmp_path / "locked"
+  locked.mkdir(mode=0o500)
+  code, _, err = run_main([f"--out={locked / 'run'}", "--no-progress"], capsys)
+  assert code == 2 and "not writable" in err
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_non_finite_loss_stops_the_run(tmp_path, capsys, mode):
+  out = tmp_path / "run"
+  code, _, err = run_main(TINY + ["--steps=200", "--lr=1e30", "--warmup_steps=0",
+                                  f"--on_nonfinite={mode}", "--max_nonfinite=3",
+                                  f"--out={out}"], capsys)
+  assert code == 1 and "non-finite" in err and "Traceback" not in err
+  # nothing non-finite was written as if it were a good result
+  assert not (out / "summary.json").exists()
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps({"task": "modadd", "d_model": 48, "steps": 7}))
+  c = resolve({"steps": 9}, str(path))
+  assert (c.task, c.d_model, c.steps, c.weight_decay) == ("modadd", 48, 9, 1.0)
+  path.write_text(json.dumps({"bogus": 1}))
+  with pytest.raises(ValueError, match="unknown option 'bogus'"):
+    resolve({}, str(path))
+
+
+def test_help_lists_options_with_defaults():
+  result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0
+  for option in ("--task", "--steps", "--out", "--seed", "--data", "--lam", "--target_rate",
+                 "--resume", "--d_model", "--n_layers", "--n_heads", "--mixer", "--gate"):
+    assert option in result.stdout
+  assert "(default: 1500)" in result.stdout and "modadd:" in result.stdout

@@ -1,0 +1,182 @@
+"""The free-energy objective, the lambda thermostat, the optimizer and the jitted steps.
+
+  loss = U + lam * W,   U = cross-entropy on scored positions (nats),
+                        W = mean gate probability over tokens and layers (the L1 norm of g).
+
+The thermostat treats lam as the Lagrange multiplier of the constraint open_rate = target
+and adjusts it by dual ascent in log space (lam *= exp(lam_lr * (rate - target))), so it
+finds the right scale of lam whatever the task's units of U.
+
+The compiled step depends only on the model and the optimizer's structure; the learning
+rate, lambda's ramp, the thermostat's settings and the seed arrive as StepControls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tgn_jax import functional
+from tgn_jax.config import TGNConfig
+from tgn_jax.nn.model import TGNLM
+from tgn_jax.training.config import TrainConfig
+
+# apply_if_finite would apply a non-finite update after this many skips; the training
+# loop stops long before (TrainConfig.max_nonfinite), so parameters never become NaN.
+_NEVER = 2**30
+
+
+class TrainState(NamedTuple):
+  params: Any            # nnx.State of the model
+  opt_state: Any         # optax state
+  lam: jax.Array         # float32 scalar: the thermostat's multiplier (before the warm-up ramp)
+  step: jax.Array        # int32 scalar: optimizer steps taken
+
+
+class StepControls(NamedTuple):
+  """The per-step hyper-parameters, fed to the compiled step as float32 scalars (and a key),
+  so that one compilation serves any learning-rate schedule, lambda setting or seed."""
+
+  lr: jax.Array           # learning rate of this step
+  lam_scale: jax.Array    # lambda warm-up ramp, in [0, 1]
+  thermostat: jax.Array   # 1 when the thermostat adjusts lambda after this step, else 0
+  target_rate: jax.Array  # the thermostat's open-rate target
+  lam_lr: jax.Array       # the thermostat's gain
+  lam_min: jax.Array      # the thermostat's floor for lambda
+  key: jax.Array          # the run's key; the step's randomness is fold_in(key, step)
+
+
+def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
+  """optax's AdamW without its learning-rate scaling (applied by the step from its controls),
+  after global-norm clipping; non-finite updates are skipped and counted."""
+  inner = optax.chain(
+      optax.clip_by_global_norm(c.clip_norm),
+      optax.scale_by_adam(b1=c.b1, b2=c.b2),
+      optax.add_decayed_weights(c.weight_decay))
+  return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
+
+
+def learning_rate_schedule(c: TrainConfig) -> optax.Schedule:
+  """Linear warm-up to c.lr, then cosine decay to c.lr * c.min_lr_ratio at c.steps."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=c.lr, warmup_steps=c.warmup_steps,
+      decay_steps=max(c.steps, c.warmup_steps + 1), end_value=c.lr * c.min_lr_ratio)
+
+
+def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
+  """Host-side: the controls of step `step` (0-based) of a run with config c."""
+  lr_table = np.asarray(jax.vmap(learning_rate_schedule(c))(jnp.arange(c.steps + 1)), np.float32)
+  warmup = c.lam_warmup_steps
+  key = jax.random.fold_in(jax.random.key(c.seed), 1)
+  f32 = np.float32
+
+  def controls(step: int) -> StepControls:
+    ramp = 1.0 if warmup == 0 else min(max((step - warmup) / warmup, 0.0), 1.0)
+    thermostat = c.target_rate is not None and step >= warmup
+    return StepControls(
+        lr=f32(lr_table[min(step, c.steps)]), lam_scale=f32(ramp), thermostat=f32(thermostat),
+        target_rate=f32(c.target_rate or 0.0), lam_lr=f32(c.lam_lr), lam_min=f32(c.lam_min),
+        key=key)
+  return controls
+
+
+def thermostat(lam: jax.Array, rate: jax.Array, target: jax.Array, gain: jax.Array,
+               floor: jax.Array) -> jax.Array:
+  """One dual-ascent step (in log space) of lam towards open rate == target."""
+  return (jnp.maximum(lam, floor) * jnp.exp(gain * (rate - target))).astype(jnp.float32)
+
+
+def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
+  """Mean cross-entropy (nats) and accuracy over the positions where mask is 1."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  correct = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(mask_BT), 1.0)
+  return jnp.sum(ce * mask_BT) / count, jnp.sum(correct * mask_BT) / count
+
+
+def init_state(model_config: TGNConfig, c: TrainConfig, optimizer) -> tuple[Any, TrainState]:
+  model_def, params = functional.init(model_config, jax.random.key(c.seed))
+  return model_def, TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
+                               lam=jnp.float32(c.lam), step=jnp.int32(0))
+
+
+@jax.jit
+def accumulate(total, value):
+  """Elementwise sum of two pytrees of metrics (compiled once, not op by op)."""
+  return jax.tree.map(jnp.add, total, value)
+
+
+def model_def_for(model_config: TGNConfig):
+  """The static structure (nnx.GraphDef) of a model, without initialising parameters."""
+  return nnx.graphdef(nnx.eval_shape(lambda: TGNLM(model_config, rngs=nnx.Rngs(0))))
+
+
+def make_train_step(model_def, model_config: TGNConfig, optimizer):
+  """Returns a jitted step(state, controls, inputs, targets, mask) -> (state, metrics)."""
+  gated = model_config.has_gate
+
+  def step_fn(state: TrainState, controls: StepControls, inputs, targets, mask):
+    key = jax.random.fold_in(controls.key, state.step)
+    lam = state.lam * controls.lam_scale
+
+    def loss_fn(params):
+      logits, aux = functional.apply(model_def, params, inputs, rng=key, stats=None)
+      ce, accuracy = masked_cross_entropy(logits, targets, mask)
+      gate = jnp.mean(aux.gate_prob)
+      loss = ce + lam * gate if gated else ce
+      return loss, dict(ce=ce, accuracy=accuracy, gate_soft=gate,
+                        gate_hard=jnp.mean(aux.open_rate), compute_rate=jnp.mean(aux.compute_rate))
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: -controls.lr * u, updates)  # AdamW's learning-rate step
+    params = optax.apply_updates(state.params, updates)
+    new_lam = state.lam
+    if gated:
+      new_lam = jnp.where(controls.thermostat > 0, thermostat(
+          state.lam, metrics["gate_hard"], controls.target_rate, controls.lam_lr,
+          controls.lam_min), state.lam)
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    metrics.update(loss=loss, lam=lam, lr=controls.lr, grad_norm=grad_norm,
+                   finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+                   skipped_total=opt_state.total_notfinite,
+                   skipped_in_a_row=opt_state.notfinite_count)
+    return TrainState(params, opt_state, new_lam, state.step + 1), metrics
+
+  donate = (0,) if jax.default_backend() != "cpu" else ()
+  return jax.jit(step_fn, donate_argnums=donate)
+
+
+def make_eval_step(model_def, model_config: TGNConfig):
+  """Returns a jitted eval(params, inputs, targets, mask) -> dict of sums over the batch.
+
+  Sums (not means) so batches aggregate exactly: ce, correct, count; per layer the open
+  gates at scored / unscored positions and the attention observables over open tokens.
+  """
+
+  def eval_fn(params, inputs, targets, mask):
+    logits, aux = functional.apply(model_def, params, inputs, stats="token")
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    is_open = (aux.gate > model_config.gate_threshold).astype(jnp.float32)  # [L, B, T]
+    sums = dict(
+        ce=jnp.sum(ce * mask), correct=jnp.sum(correct * mask), count=jnp.sum(mask),
+        tokens=jnp.float32(mask.size), open=jnp.sum(is_open, axis=(1, 2)),
+        open_scored=jnp.sum(is_open * mask, axis=(1, 2)),
+        open_unscored=jnp.sum(is_open * (1 - mask), axis=(1, 2)))
+    if aux.token_stats is not None:
+      # Observables exist (are not NaN) where attention was computed; padding rows excluded.
+      real_row = jnp.any(mask > 0, axis=1)[None, :, None, None]
+      stat_mask = jnp.isfinite(aux.token_stats.entropy) & real_row  # [L, B, T, N]
+      sums["stats_count"] = jnp.sum(stat_mask, axis=(1, 2, 3)).astype(jnp.float32)
+      for name in ("specific_heat", "entropy", "free_energy", "internal_energy"):
+        value = getattr(aux.token_stats, name)
+        sums[name] = jnp.sum(jnp.where(stat_mask, value, 0.0), axis=(1, 2, 3))
+    return sums
+
+  return jax.jit(eval_fn)
