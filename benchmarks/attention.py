@@ -1,0 +1,136 @@
+"""Gated attention against dense causal attention, forward + backward.
+
+For each sequence length T (batch B so that B*T is constant) and open rate r, a random
+r-fraction of the tokens is open; the gated path computes attention only for them
+(`route_causal_segments`: gather per segment into a capacity bucket, keys up to the
+segment's end) and the dense path is causal attention over every token. Keys and values
+are full-length in both. Reported: median time, fraction of dense, and the ideal (= r).
+
+  python benchmarks/attention.py                    # GPU, bf16, cuDNN
+  python benchmarks/attention.py --tiny             # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
+from tgn_jax.config import TGNConfig  # noqa: E402
+from tgn_jax.ops.attention import gibbs_attention  # noqa: E402
+from tgn_jax.ops.gate import route_causal_segments  # noqa: E402
+
+DEFAULTS = TGNConfig(vocab_size=1)  # the library's capacity buckets
+
+
+def make_inputs(key, batch, seq_len, heads, head_dim, rate, dtype):
+  kq, kk, kv, kg, kw = jax.random.split(key, 5)
+  shape = (batch, seq_len, heads, head_dim)
+  q, k, v, w = (jax.random.normal(x, shape, dtype) for x in (kq, kk, kv, kw))
+  selected = jax.random.bernoulli(kg, rate, (batch, seq_len))
+  return q, k, v, w, selected
+
+
+def dense_loss(q, k, v, w, selected, *, impl):
+  del selected
+  return jnp.sum((gibbs_attention(q, k, v, implementation=impl) * w).astype(jnp.float32))
+
+
+def gated_loss(q, k, v, w, selected, *, impl, segment_len, multiple):
+  def attend(q_BC, pos_BC, valid_BC, end):
+    return gibbs_attention(q_BC, k[:, :end], v[:, :end], q_positions=pos_BC, implementation=impl)
+  out = route_causal_segments(attend, selected, q, DEFAULTS.capacity_buckets, segment_len,
+                              multiple)
+  return jnp.sum((out * w).astype(jnp.float32))
+
+
+def main(argv=None):
+  parser = common.base_parser(__doc__.splitlines()[0])
+  parser.add_argument("--seq_lens", type=common.int_list, default=[2048, 8192, 32768])
+  parser.add_argument("--rates", type=common.float_list, default=[0.05, 0.1, 0.25, 0.5, 1.0])
+  parser.add_argument("--tokens_per_batch", type=int, default=65536, help="B*T")
+  parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--segment_lens", type=common.int_list, default=[1024, 2048, 0],
+                      help="gather segment lengths; 0 = one segment (the whole sequence)")
+  parser.add_argument("--impl", default=None, help="attention implementation (None = best)")
+  parser.add_argument("--multiple", type=int, default=DEFAULTS.capacity_multiple,
+                      help="capacities rounded up to this multiple")
+  parser.add_argument("--repeats", type=int, default=20)
+  args = parser.parse_args(argv)
+  dtype = jnp.bfloat16
+  if args.tiny:
+    args.seq_lens, args.rates, args.tokens_per_batch = [64], [0.1, 1.0], 128
+    args.heads, args.head_dim, args.segment_lens, args.repeats = 2, 16, [16, 0], 2
+    args.multiple = 8
+    dtype = jnp.float32
+
+  env = common.environment()
+  rows = []
+  for seq_len in args.seq_lens:
+    batch = max(1, args.tokens_per_batch // seq_len)
+    grad = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    dense_step = grad(functools.partial(dense_loss, impl=args.impl))
+    inputs = make_inputs(jax.random.key(0), batch, seq_len, args.heads, args.head_dim, 1.0, dtype)
+    dense = common.time_fn(lambda: dense_step(*inputs), repeats=args.repeats)
+    rows.append(dict(T=seq_len, B=batch, rate=1.0, path="dense", segment=None,
+                     ms=dense["median_ms"], fraction=1.0, ideal=1.0, **_extra(dense)))
+    print(f"T={seq_len} B={batch} dense {dense['median_ms']:.3f} ms", flush=True)
+    for rate in args.rates:
+      inputs = make_inputs(jax.random.key(1), batch, seq_len, args.heads, args.head_dim, rate, dtype)
+      for segment_len in args.segment_lens:
+        segment = segment_len or seq_len
+        if segment > seq_len and segment_len:
+          continue
+        step = grad(functools.partial(gated_loss, impl=args.impl, segment_len=segment,
+                                      multiple=args.multiple))
+        timing = common.time_fn(lambda: step(*inputs), repeats=args.repeats)
+        rows.append(dict(T=seq_len, B=batch, rate=rate, path="gated", segment=segment,
+                         ms=timing["median_ms"], fraction=timing["median_ms"] / dense["median_ms"],
+                         ideal=rate, **_extra(timing)))
+        print(f"  rate={rate} segment={segment}: {timing['median_ms']:.3f} ms "
+              f"= {rows[-1]['fraction']:.3f} x dense", flush=True)
+
+  common.print_table(rows, ["T", "B", "path", "rate", "segment", "ms", "fraction", "ideal"])
+  results = {"env": env, "config": {"heads": args.heads, "head_dim": args.head_dim,
+                                    "dtype": jnp.dtype(dtype).name,
+                                    "tokens_per_batch": args.tokens_per_batch,
+                                    "measure": "forward+backward (grad wrt q, k, v), median"},
+             "rows": rows}
+  path = common.write_results("attention" + ("_tiny" if args.tiny else ""), results, args.out)
+  plot(rows, path.with_suffix(".png"))
+  print(f"wrote {path}")
+  return results
+
+
+def _extra(timing):
+  return {"min_ms": timing["min_ms"], "compile_ms": timing["compile_ms"]}
+
+
+def plot(rows, path):
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(6, 4))
+  ax = fig.add_subplot()
+  for seq_len in sorted({r["T"] for r in rows}):
+    gated = [r for r in rows if r["T"] == seq_len and r["path"] == "gated"]
+    for segment in sorted({r["segment"] for r in gated}):
+      pts = sorted((r["rate"], r["fraction"]) for r in gated if r["segment"] == segment)
+      ax.plot(*zip(*pts), marker="o", label=f"T={seq_len}, segment {segment}")
+  rates = sorted({r["rate"] for r in rows})
+  ax.plot(rates, rates, "k--", label="ideal (= open rate)")
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xlabel("open rate")
+  ax.set_ylabel("time / dense causal attention")
+  ax.set_title("Gated attention, forward + backward")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,95 @@
+"""The benchmarked models, and holding the hard gate's open rate at a chosen value from
+outside the library.
+
+The gate opens a token when sigmoid(logit) > threshold, and the gate head's output layer
+adds a bias to the logit. Shifting each layer's bias by the right amount opens the wanted
+fraction of a calibration batch's tokens. Layers are calibrated in order, each on a fresh
+forward pass, since layer l's gates depend on which tokens layers < l opened.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tgn_jax import functional
+from tgn_jax.config import TGNConfig
+from tgn_jax.ops import gate as gate_ops
+
+# Model settings (TGNConfig / TrainConfig fields) and, for the hard gate, the open rate held.
+MODELS = {
+    "tgn-hard-0.10": dict(mixer="tgn", recurrence="mingru", gate="hard", open_rate=0.10),
+    "tgn-hard-0.25": dict(mixer="tgn", recurrence="mingru", gate="hard", open_rate=0.25),
+    "tgn-soft-gru": dict(mixer="tgn", recurrence="gru", gate="soft", open_rate=None),
+    "transformer": dict(mixer="attention", open_rate=None),
+    "recurrent": dict(mixer="recurrent", recurrence="mingru", open_rate=None),
+}
+
+
+def architecture(name: str) -> dict:
+  """The config fields of model `name` (MODELS without the open rate)."""
+  return {k: v for k, v in MODELS[name].items() if k != "open_rate"}
+
+
+def gate_bias(params):
+  """The gate heads' output bias Param, float32 [L, 1] (stacked over layers)."""
+  return params["blocks"]["gate_head"]["out"]["bias"]
+
+
+def calibrate_open_rate(model_def, params, tokens_BT: jax.Array, target: float,
+                        threshold: float) -> tuple[object, jax.Array]:
+  """Params (a copy) whose hard gate opens a `target` fraction of the tokens of every layer.
+
+  tokens_BT: int [B, T], the calibration batch. threshold: the config's gate_threshold.
+  Returns the new params and the open gates they give on the batch, bool [L, B, T]
+  (deterministic forward: threshold gate, no exploration).
+  """
+  params = jax.tree.map(lambda x: x, params)  # fresh Variables; the caller's stay untouched
+  gate_prob = jax.jit(lambda p, t: functional.apply(model_def, p, t, stats=None)[1].gate_prob)
+  threshold_logit = math.log(threshold / (1.0 - threshold))
+  bias = gate_bias(params)
+  for layer in range(bias.shape[0]):
+    prob = np.asarray(gate_prob(params, tokens_BT)[layer], np.float64).ravel()
+    prob = np.clip(prob, 1e-12, 1.0 - 1e-12)
+    logits = np.sort(np.log(prob) - np.log1p(-prob))
+    cut = _cut_between(logits, round((1.0 - target) * logits.size))
+    bias[...] = bias[...].at[layer].add(threshold_logit - cut)
+  return params, gate_prob(params, tokens_BT) > threshold
+
+
+def layer_rates(open_LBT: jax.Array) -> list[float]:
+  """Fraction of open gates in each layer."""
+  return [float(r) for r in jnp.mean(open_LBT, axis=(1, 2), dtype=jnp.float32)]
+
+
+def gathered_fraction(open_LBT: jax.Array, config: TGNConfig, key: jax.Array) -> float:
+  """Query slots the sparse attention gathers per token, mean over layers.
+
+  The computed tokens are the open ones plus closed ones explored as in training (drawn
+  with `key`); each segment gathers into the smallest capacity bucket holding its busiest
+  row, so this is at least the compute rate, and it is what the attention work scales with.
+  """
+  layers, _, seq_len = open_LBT.shape
+  computed = open_LBT | gate_ops.exploration_mask(~open_LBT, config.exploration, key)
+  slots = 0
+  for start in range(0, seq_len, config.segment_len):
+    end = min(start + config.segment_len, seq_len)
+    capacities = gate_ops.capacity_buckets(end - start, config.capacity_buckets,
+                                           config.capacity_multiple)
+    for layer in range(layers):
+      index = gate_ops.bucket_index(computed[layer, :, start:end], capacities)
+      slots += capacities[int(index)]
+  return slots / (layers * seq_len)
+
+
+def _cut_between(sorted_logits: np.ndarray, closed: int) -> float:
+  """A logit with `closed` of the sorted values below it and the rest above, midway
+  between neighbours so that rounding in low precision moves as few tokens as possible."""
+  if closed <= 0:
+    return float(sorted_logits[0]) - 1.0
+  if closed >= sorted_logits.size:
+    return float(sorted_logits[-1]) + 1.0
+  return 0.5 * float(sorted_logits[closed - 1] + sorted_logits[closed])

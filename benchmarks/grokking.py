@@ -1,0 +1,111 @@
+"""Grokking and specific heat: does the attention specific heat C peak before the test
+accuracy jumps?
+
+Modular addition (a + b) mod p, the Nanda et al. recipe (train.py --task modadd preset:
+1 layer, d_model 128, 4 heads, d_mlp 512, AdamW lr 1e-3, weight decay 1, betas (0.9, 0.98),
+full batch, 30% train split), several seeds. Per seed: the step where C (mean over heads
+and queries) peaks, the step where test accuracy first reaches 0.9, and the lead between
+them; a plot of C and accuracies against step.
+
+  python benchmarks/grokking.py                      # 5 seeds, p = 113
+  python benchmarks/grokking.py --tiny               # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
+
+
+def analyse(evals: list[dict], threshold: float) -> dict:
+  """Peak step of the specific heat and the step test accuracy first reaches threshold."""
+  steps = np.array([e["step"] for e in evals])
+  heat = np.array([np.nanmean(np.asarray(e["specific_heat"], float)) for e in evals])
+  test = np.array([e["eval_accuracy"] for e in evals])
+  peak = int(steps[int(np.nanargmax(heat))])
+  reached = np.nonzero(test >= threshold)[0]
+  grok = int(steps[reached[0]]) if reached.size else None
+  return dict(peak_step=peak, peak_heat=float(np.nanmax(heat)), grok_step=grok,
+              lead=None if grok is None else grok - peak,
+              final_test_accuracy=float(test[-1]),
+              final_train_accuracy=float(evals[-1]["train_accuracy"]))
+
+
+def main(argv=None):
+  parser = common.base_parser(__doc__.splitlines()[0])
+  parser.add_argument("--p", type=int, default=113)
+  parser.add_argument("--seeds", type=common.int_list, default=[0, 1, 2, 3, 4])
+  parser.add_argument("--steps", type=int, default=20000)
+  parser.add_argument("--eval_every", type=int, default=100)
+  parser.add_argument("--mixer", default="attention", help="attention (Nanda) or tgn")
+  parser.add_argument("--threshold", type=float, default=0.9, help="test accuracy of 'grokked'")
+  parser.add_argument("--runs_dir", default=None)
+  args = parser.parse_args(argv)
+  extra = {}
+  if args.tiny:
+    args.p, args.seeds, args.steps, args.eval_every = 13, [0], 40, 10
+    extra = dict(d_model=32, d_mlp=64)
+  runs_dir = Path(args.runs_dir or common.RESULTS_DIR / ("grokking_runs" + ("_tiny" if args.tiny else "")))
+
+  rows, curves = [], {}
+  for seed in args.seeds:
+    options = dict(task="modadd", p=args.p, seed=seed, steps=args.steps, mixer=args.mixer,
+                   eval_every=args.eval_every, checkpoint_every=max(args.eval_every, args.steps // 4),
+                   **extra)
+    name = f"{args.mixer}_p{args.p}_seed{seed}"
+    summary = common.train_run(options, runs_dir / name)
+    evals = common.read_records(runs_dir / name, "eval")
+    rows.append(dict(seed=seed, **analyse(evals, args.threshold), run=name,
+                     seconds=summary["wall_seconds"]))
+    curves[seed] = evals
+    print(rows[-1], flush=True)
+
+  leads = [r["lead"] for r in rows if r["lead"] is not None]
+  verdict = (f"C peaks before test accuracy reaches {args.threshold} in "
+             f"{sum(lead > 0 for lead in leads)} of {len(rows)} seeds"
+             + (f" (median lead {np.median(leads):.0f} steps)" if leads else "; no seed grokked"))
+  common.print_table(rows, ["seed", "peak_step", "grok_step", "lead", "peak_heat",
+                            "final_test_accuracy", "final_train_accuracy"])
+  print(verdict)
+  results = {"env": common.environment(),
+             "config": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
+             "rows": rows, "verdict": verdict}
+  path = common.write_results("grokking" + ("_tiny" if args.tiny else ""), results, args.out)
+  plot(curves, rows, path.with_suffix(".png"))
+  print(f"wrote {path}")
+  return results
+
+
+def plot(curves, rows, path):
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(7, 2.4 * len(curves)))
+  axes = fig.subplots(len(curves), 1, squeeze=False)[:, 0]
+  for ax, row in zip(axes, rows):
+    evals = curves[row["seed"]]
+    steps = [e["step"] for e in evals]
+    ax.plot(steps, [np.nanmean(np.asarray(e["specific_heat"], float)) for e in evals],
+            color="tab:red", label="specific heat C")
+    ax.set_ylabel("C", color="tab:red")
+    twin = ax.twinx()
+    twin.plot(steps, [e["eval_accuracy"] for e in evals], color="tab:blue", label="test acc")
+    twin.plot(steps, [e["train_accuracy"] for e in evals], color="tab:blue", ls=":",
+              label="train acc")
+    twin.set(ylim=(0, 1.02), ylabel="accuracy")
+    ax.axvline(row["peak_step"], color="tab:red", ls="--", lw=0.8)
+    if row["grok_step"] is not None:
+      ax.axvline(row["grok_step"], color="tab:blue", ls="--", lw=0.8)
+    ax.set_title(f"seed {row['seed']}: C peak {row['peak_step']}, grok {row['grok_step']}",
+                 fontsize=9)
+    twin.legend(fontsize=7, loc="center right")
+  axes[-1].set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,119 @@
+"""MQAR quality: TGN (hard gate + thermostat) against a Transformer and a pure recurrence.
+
+The Zoology grid: (seq_len, num_kv) pairs, vocabulary V, 2 layers, each d_model, best of a
+small learning-rate sweep per (model, grid point, width). Reported per row: held-out
+accuracy, the measured hard open rate, and where the gate opens (query positions vs
+elsewhere, mean over layers).
+
+  python benchmarks/mqar.py                                     # the full grid (GPU-sized)
+  python benchmarks/mqar.py --grid 64:4 --d_models 64 --steps 3000
+  python benchmarks/mqar.py --tiny                              # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
+
+MODELS = {
+    "tgn": dict(mixer="tgn", gate="hard"),
+    "transformer": dict(mixer="attention", target_rate=None),
+    "recurrent": dict(mixer="recurrent", target_rate=None),
+}
+
+
+def grid_list(text: str) -> list[tuple[int, int]]:
+  return [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item]
+
+
+def main(argv=None):
+  parser = common.base_parser(__doc__.splitlines()[0])
+  parser.add_argument("--grid", type=grid_list, default=grid_list("64:4,128:8,256:16,512:64"),
+                      help="seq_len:num_kv pairs")
+  parser.add_argument("--vocab_size", type=int, default=8192)
+  parser.add_argument("--d_models", type=common.int_list, default=[64, 128])
+  parser.add_argument("--lrs", type=common.float_list, default=[1e-3, 3e-3])
+  parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+  parser.add_argument("--steps", type=int, default=4000)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--target_rate", type=float, default=0.15, help="TGN thermostat target")
+  parser.add_argument("--eval_examples", type=int, default=1000)
+  parser.add_argument("--runs_dir", default=None, help="where the training runs go")
+  args = parser.parse_args(argv)
+  if args.tiny:
+    args.grid, args.vocab_size, args.d_models, args.lrs = [(32, 4)], 64, [32], [3e-3]
+    args.steps, args.batch_size, args.eval_examples = 30, 16, 32
+    MODELS["tgn"] = dict(MODELS["tgn"], soft_warmup=0)
+  runs_dir = Path(args.runs_dir or common.RESULTS_DIR / ("mqar_runs" + ("_tiny" if args.tiny else "")))
+
+  rows = []
+  for seq_len, num_kv in args.grid:
+    for d_model in args.d_models:
+      for model in args.models:
+        best = None
+        for lr in args.lrs:
+          options = dict(task="mqar", seq_len=seq_len, num_kv=num_kv, vocab_size=args.vocab_size,
+                         d_model=d_model, n_layers=2, n_heads=max(1, d_model // 64) * 2,
+                         steps=args.steps, batch_size=args.batch_size, lr=lr,
+                         eval_examples=args.eval_examples, eval_every=max(1, args.steps // 8),
+                         checkpoint_every=max(1, args.steps // 4), target_rate=args.target_rate)
+          options.update(MODELS[model])
+          name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
+          summary = common.train_run(options, runs_dir / name)
+          final = summary["final"]
+          row = dict(model=model, seq_len=seq_len, num_kv=num_kv, d_model=d_model, lr=lr,
+                     accuracy=final.get("eval_accuracy"), open_rate=final.get("eval_gate_hard"),
+                     open_at_queries=_mean(final.get("open_rate_scored")),
+                     open_elsewhere=_mean(final.get("open_rate_unscored")),
+                     open_per_layer=final.get("open_rate"), lam=summary["lam"],
+                     steps=summary["steps_completed"], seconds=summary["wall_seconds"], run=name)
+          print(f"{name}: accuracy {row['accuracy']:.4f} open {row['open_rate']:.3f}", flush=True)
+          if best is None or row["accuracy"] > best["accuracy"]:
+            best = row
+        rows.append(best)
+
+  columns = ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
+             "open_at_queries", "open_elsewhere", "steps"]
+  common.print_table(rows, columns)
+  results = {"env": common.environment(),
+             "config": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
+             "rows": rows}
+  path = common.write_results("mqar" + ("_tiny" if args.tiny else ""), results, args.out)
+  plot(rows, path.with_suffix(".png"))
+  print(f"wrote {path}")
+  return results
+
+
+def _mean(values):
+  return None if not values else float(np.mean(values))
+
+
+def plot(rows, path):
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(9, 3.6))
+  ax_acc, ax_gate = fig.subplots(1, 2)
+  for model in sorted({r["model"] for r in rows}):
+    for d_model in sorted({r["d_model"] for r in rows}):
+      pts = sorted((r["seq_len"], r["accuracy"], r["open_rate"]) for r in rows
+                   if r["model"] == model and r["d_model"] == d_model)
+      label = f"{model} d={d_model}"
+      ax_acc.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+      if model == "tgn":
+        ax_gate.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+  ax_acc.set(xscale="log", xlabel="sequence length", ylabel="held-out accuracy", ylim=(0, 1.02),
+             title="MQAR accuracy (best LR)")
+  ax_gate.set(xscale="log", xlabel="sequence length", ylabel="hard open rate",
+              title="TGN open-gate rate")
+  ax_acc.legend(fontsize=7)
+  ax_gate.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,196 @@
+"""Training throughput: tokens/s, step time and memory of a full optimizer step.
+
+Models of one width and depth (default 12 layers, d_model 768, 12 heads, vocab 50304, bf16
+compute), each trained by the library's own jitted step (forward, backward, AdamW with
+clipping) on random tokens, for sequence lengths T at constant B*T (B = max(1, 16384 // T),
+so T = 32768 runs one sequence):
+
+  tgn-hard-0.10 / -0.25  TGN, minGRU, hard gate with its open rate held at 0.10 / 0.25
+  tgn-soft-gru           TGN, GRU, soft gate (the PyTorch reference: attention everywhere)
+  transformer            attention only
+  recurrent              minGRU only
+
+The hard gate's open rate is held by calibrating each layer's gate bias on the batch
+(benchmarks/gate_control.py), with lambda = 0, no thermostat and a learning rate of 1e-5 so
+that it does not drift; the open and compute rates (exploration included) are measured from
+the step's own metrics during timing.
+
+  python benchmarks/throughput.py                   # GPU
+  python benchmarks/throughput.py --remat --seq_lens 32768
+  python benchmarks/throughput.py --tiny            # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common, gate_control  # noqa: E402
+from tgn_jax import count_params  # noqa: E402
+from tgn_jax.training import steps  # noqa: E402
+from tgn_jax.training.config import resolve  # noqa: E402
+
+LEARNING_RATE = 1e-5
+
+
+def main(argv=None):
+  parser = common.base_parser(__doc__.splitlines()[0])
+  parser.add_argument("--models", type=lambda s: s.split(","), default=list(gate_control.MODELS),
+                      help=f"comma-separated subset of {', '.join(gate_control.MODELS)}")
+  parser.add_argument("--seq_lens", type=common.int_list, default=[1024, 4096, 8192, 32768])
+  parser.add_argument("--tokens_per_batch", type=int, default=16384,
+                      help="B*T (B = max(1, this // T))")
+  parser.add_argument("--layers", type=int, default=12)
+  parser.add_argument("--d_model", type=int, default=768)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--vocab", type=int, default=50304)
+  parser.add_argument("--exploration", type=float, default=0.02,
+                      help="fraction of closed-gate tokens whose attention is computed in training")
+  parser.add_argument("--remat", action="store_true", help="rematerialise each layer")
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--repeats", type=int, default=10)
+  args = parser.parse_args(argv)
+  if args.tiny:  # new defaults; options given explicitly still win
+    parser.set_defaults(layers=2, d_model=32, heads=2, vocab=64, seq_lens=[32, 64],
+                        tokens_per_batch=128, dtype="float32", repeats=2)
+    args = parser.parse_args(argv)
+  unknown = sorted(set(args.models) - set(gate_control.MODELS))
+  if unknown:
+    parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(gate_control.MODELS)}")
+
+  env = common.environment()
+  rows = []
+  for seq_len in args.seq_lens:
+    for name in args.models:
+      rows.append(measure(name, seq_len, args))
+      print(_summary(rows[-1]), flush=True)
+  add_transformer_ratio(rows)
+
+  common.print_table(rows, ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer",
+                            "open_rate", "compute_rate", "gathered_fraction", "peak_gib",
+                            "xla_gib", "compile_s", "error"])
+  results = {"env": env, "config": {
+      "layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
+      "dtype": args.dtype, "tokens_per_batch": args.tokens_per_batch, "remat": args.remat,
+      "exploration": args.exploration, "learning_rate": LEARNING_RATE,
+      "models": {name: gate_control.MODELS[name] for name in args.models},
+      "measure": "full train step (forward, backward, AdamW), median; tokens/s = B*T / step; "
+                 "open_rate, compute_rate: mean over layers and all steps run; "
+                 "gathered_fraction: query slots of the sparse attention per token (capacity "
+                 "buckets) on the calibration batch, exploration drawn as in training; peak_gib: "
+                 "process-wide peak so far (monotone over rows); xla_gib: the compiled step's "
+                 "arguments + outputs + temporaries"},
+      "rows": rows}
+  path = common.write_results("throughput" + ("_tiny" if args.tiny else ""), results, args.out)
+  plot(rows, path.with_suffix(".png"))
+  print(f"wrote {path}")
+  return results
+
+
+def measure(name: str, seq_len: int, args) -> dict:
+  """One row: timing, rates and memory of model `name` at length seq_len (or its error)."""
+  batch = max(1, args.tokens_per_batch // seq_len)
+  target = gate_control.MODELS[name]["open_rate"]
+  row = dict(model=name, T=seq_len, B=batch, target_rate=target)
+  try:
+    train_config = resolve(dict(
+        **gate_control.architecture(name), d_model=args.d_model, n_layers=args.layers,
+        n_heads=args.heads, exploration=args.exploration, dtype=args.dtype, remat=args.remat,
+        seq_len=seq_len, batch_size=batch, lam=0.0, target_rate=None, lr=LEARNING_RATE,
+        warmup_steps=0))
+    model_config = train_config.model_config(vocab_size=args.vocab, max_seq_len=seq_len)
+    row["params"] = count_params(model_config)
+    optimizer = steps.make_optimizer(train_config)
+    controls = steps.make_controls(train_config)(0)
+    model_def, state = steps.init_state(model_config, train_config, optimizer)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, args.vocab)
+    batch_arrays = (tokens[:, :-1], tokens[:, 1:], jnp.ones((batch, seq_len), jnp.float32))
+    if target is not None:
+      params, open_LBT = gate_control.calibrate_open_rate(
+          model_def, state.params, batch_arrays[0], target, model_config.gate_threshold)
+      state = state._replace(params=params)
+      row["calibrated_open_rate"] = gate_control.layer_rates(open_LBT)
+      row["gathered_fraction"] = gate_control.gathered_fraction(
+          open_LBT, model_config, jax.random.key(2))
+
+    step_fn = steps.make_train_step(model_def, model_config, optimizer)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, controls, *batch_arrays).compile()
+    row["compile_s"] = time.perf_counter() - start
+    row["xla_gib"] = _compiled_gib(compiled)
+
+    holder, history = [state], []
+
+    def train_step():
+      holder[0], metrics = compiled(holder[0], controls, *batch_arrays)
+      history.append(metrics)
+      return holder[0], metrics
+
+    timing = common.time_fn(train_step, warmup=2, repeats=args.repeats)
+    row.update(ms=timing["median_ms"], min_ms=timing["min_ms"],
+               tokens_per_s=batch * seq_len / (timing["median_ms"] / 1e3),
+               peak_gib=common.peak_memory_gib())
+    open_rates = np.array([float(m["gate_hard"]) for m in history])
+    row.update(open_rate=float(open_rates.mean()),
+               open_rate_drift=float(open_rates[-1] - open_rates[0]),
+               compute_rate=float(np.mean([float(m["compute_rate"]) for m in history])),
+               loss=float(history[-1]["loss"]), steps_run=len(history))
+  except Exception as e:  # out of memory, compilation failure: keep the row, go on
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+  return row
+
+
+def _compiled_gib(compiled) -> float | None:
+  """Arguments + outputs (less donated aliases) + temporaries of a compiled step, GiB."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return total / 2**30
+
+
+def add_transformer_ratio(rows: list[dict]) -> None:
+  """Sets each row's vs_transformer = tokens/s / the transformer's at the same T."""
+  reference = {r["T"]: r["tokens_per_s"] for r in rows
+               if r["model"] == "transformer" and "tokens_per_s" in r}
+  for r in rows:
+    if "tokens_per_s" in r and r["T"] in reference:
+      r["vs_transformer"] = r["tokens_per_s"] / reference[r["T"]]
+
+
+def _summary(row: dict) -> str:
+  if "error" in row:
+    return f"{row['model']} T={row['T']} B={row['B']}: {row['error']}"
+  return (f"{row['model']} T={row['T']} B={row['B']}: {row['ms']:.2f} ms, "
+          f"{row['tokens_per_s']:.4g} tokens/s, open {row['open_rate']:.3f}, "
+          f"compute {row['compute_rate']:.3f}, compile {row['compile_s']:.1f} s")
+
+
+def plot(rows, path):
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(6, 4))
+  ax = fig.add_subplot()
+  for name in dict.fromkeys(r["model"] for r in rows):
+    pts = sorted((r["T"], r["tokens_per_s"]) for r in rows
+                 if r["model"] == name and "tokens_per_s" in r)
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("sequence length T (B*T constant)")
+  ax.set_ylabel("training tokens / s")
+  ax.set_title("Training throughput (full optimizer step)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()
