@@ -65,7 +65,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   dtype = jnp.bfloat16
   if args.tiny:
-    args.seq_lens, args.rates, args.tokens_per_batch = [64], [0.1, 1.0], 128
+    args.seq_lens, args.rates, args.tokens_per_batch = [64], [0.1], 128
     args.heads, args.head_dim, args.segment_lens, args.repeats = 2, 16, [16, 0], 2
     args.multiple = 8
     dtype = jnp.float32

@@ -72,13 +72,8 @@ def main(argv=None):
   common.print_table(rows, ["seed", "peak_step", "grok_step", "lead", "peak_heat",
                             "final_test_accuracy", "final_train_accuracy"])
   print(verdict)
-  results = {"env": common.environment(),
-             "config": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
-             "rows": rows, "verdict": verdict}
-  path = common.write_results("grokking" + ("_tiny" if args.tiny else ""), results, args.out)
-  plot(curves, rows, path.with_suffix(".png"))
-  print(f"wrote {path}")
-  return results
+  return common.finish("grokking", args, {"rows": rows, "verdict": verdict},
+                       lambda png: plot(curves, rows, png))
 
 
 def plot(curves, rows, path):

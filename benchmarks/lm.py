@@ -71,13 +71,8 @@ def main(argv=None):
   common.print_table(rows, ["model", "bpb", "open_rate", "params", "tokens_per_sec",
                             "seconds", "seconds_to_reach"])
   print(f"time to reach {reach:.4f} bits/byte in the last column")
-  results = {"env": common.environment(),
-             "config": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
-             "rows": rows, "reach_bpb": reach}
-  path = common.write_results("lm" + ("_tiny" if args.tiny else ""), results, args.out)
-  plot(evals, reach, path.with_suffix(".png"))
-  print(f"wrote {path}")
-  return results
+  return common.finish("lm", args, {"rows": rows, "reach_bpb": reach},
+                       lambda png: plot(evals, reach, png))
 
 
 def plot(evals, reach, path):

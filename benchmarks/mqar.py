@@ -80,13 +80,7 @@ def main(argv=None):
   columns = ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
              "open_at_queries", "open_elsewhere", "steps"]
   common.print_table(rows, columns)
-  results = {"env": common.environment(),
-             "config": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
-             "rows": rows}
-  path = common.write_results("mqar" + ("_tiny" if args.tiny else ""), results, args.out)
-  plot(rows, path.with_suffix(".png"))
-  print(f"wrote {path}")
-  return results
+  return common.finish("mqar", args, {"rows": rows}, lambda png: plot(rows, png))
 
 
 def _mean(values):

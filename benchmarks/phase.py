@@ -62,13 +62,9 @@ def main(argv=None):
   print(f"critical lambda (peak susceptibility) {critical:g}; thermostat for target "
         f"{args.target_rate} settles at lambda {thermo_row['lam']:.4g}, open rate "
         f"{thermo_row['open_rate']:.3f}")
-  results = {"env": common.environment(),
-             "config": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
-             "rows": rows, "thermostat": thermo_row, "critical_lam": critical}
-  path = common.write_results("phase" + ("_tiny" if args.tiny else ""), results, args.out)
-  plot(rows, thermo_row, critical, path.with_suffix(".png"))
-  print(f"wrote {path}")
-  return results
+  return common.finish("phase", args,
+                       {"rows": rows, "thermostat": thermo_row, "critical_lam": critical},
+                       lambda png: plot(rows, thermo_row, critical, png))
 
 
 def _parse(text: str):

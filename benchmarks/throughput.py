@@ -58,7 +58,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.tiny:  # new defaults; options given explicitly still win
     parser.set_defaults(layers=2, d_model=32, heads=2, vocab=64, seq_lens=[32, 64],
-                        tokens_per_batch=128, dtype="float32", repeats=2)
+                        tokens_per_batch=512, dtype="float32", repeats=2)
     args = parser.parse_args(argv)
   unknown = sorted(set(args.models) - set(gate_control.MODELS))
   if unknown:

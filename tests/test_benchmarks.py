@@ -42,8 +42,7 @@ def test_attention(tmp_path):
   results, out = run(attention, tmp_path)
   rows = results["rows"]
   assert [(r["path"], r["rate"], r["segment"]) for r in rows] == [
-      ("dense", 1.0, None), ("gated", 0.1, 16), ("gated", 0.1, 64), ("gated", 1.0, 16),
-      ("gated", 1.0, 64)]
+      ("dense", 1.0, None), ("gated", 0.1, 16), ("gated", 0.1, 64)]
   for r in rows:
     assert r["T"] == 64 and r["B"] == 2
     assert positive(r["ms"]) and positive(r["fraction"]) and positive(r["compile_ms"])
@@ -67,7 +66,7 @@ def test_throughput(tmp_path):
   assert list(rows) == ["tgn-hard-0.10", "transformer"]
   for r in rows.values():
     assert "error" not in r, r["error"]
-    assert (r["T"], r["B"]) == (32, 4)
+    assert (r["T"], r["B"]) == (32, 16)
     for key in ("ms", "min_ms", "tokens_per_s", "compile_s", "params", "xla_gib"):
       assert positive(r[key]), key
     assert r["tokens_per_s"] == pytest.approx(r["B"] * r["T"] / (r["ms"] / 1e3))

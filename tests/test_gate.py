@@ -114,7 +114,6 @@ def test_route_causal_segments_equals_dense(segment_len):
   keys = jax.random.normal(jax.random.key(6), (batch, seq_len))
   x = jax.random.normal(jax.random.key(7), (batch, seq_len, 1))
   sel = jax.random.bernoulli(jax.random.key(8), 0.4, (batch, seq_len))
-  rows = jnp.arange(batch)[:, None]
 
   def prefix_sum(x_BC1, pos_BC, valid_BC, end):
     visible = jnp.arange(end)[None, None, :] <= pos_BC[:, :, None]

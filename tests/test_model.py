@@ -34,21 +34,23 @@ def mode_id(mode):
 # ---------------------------------------------------------------------------- execution
 
 
-@pytest.mark.parametrize("bias, training", [(0.0, False), (0.0, True), (-30.0, False), (30.0, False)],
-                         ids=["random", "random-train", "all_closed", "all_open"])
+@pytest.mark.parametrize("bias, training", [(0.0, False), (0.0, True), (-3.0, False), (-3.0, True),
+                                            (30.0, False)],
+                         ids=["random", "random-train", "all_closed", "all_closed-train", "all_open"])
 def test_sparse_equals_dense_logits_and_gradients(bias, training):
   kw = dict(gate="hard", gate_bias_init=bias, exploration=0.25 if training else 0.0,
-            gate_sampling=training)
+            gate_sampling=training and bias == 0.0)
   sparse_def, params = functional.init(config(attention_execution="sparse", **kw), jax.random.key(0))
   dense_def, dense_params = functional.init(config(attention_execution="dense", **kw), jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, params, dense_params)
   toks = tokens(1)
   rng = jax.random.key(2) if training else None
   weights = jax.random.normal(jax.random.key(3), (3, SEQ, VOCAB))
+  penalty = 1.0 if bias >= 0 else 0.0  # closed cases: only the mix's straight-through gradient
 
   def loss(params, model_def):
     logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None)
-    return jnp.sum(logits * weights) + jnp.sum(aux.gate_prob), (logits, aux)
+    return jnp.sum(logits * weights) + penalty * jnp.sum(aux.gate_prob), (logits, aux)
 
   (_, (logits_s, aux_s)), grads_s = jax.jit(jax.value_and_grad(loss, has_aux=True),
                                             static_argnums=1)(params, sparse_def)
@@ -67,25 +69,11 @@ def test_sparse_equals_dense_logits_and_gradients(bias, training):
   for (path, gs), gd in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(grads_d)):
     tol = 1e-4 * max(1.0, float(jnp.max(jnp.abs(gd))))
     np.testing.assert_allclose(gs, gd, rtol=1e-4, atol=tol, err_msg=jax.tree_util.keystr(path))
-
-
-def test_exploration_gives_closed_gates_a_gradient():
-  toks = tokens(4)
-
-  def gate_grad(exploration):
-    model_def, params = functional.init(
-        config(gate="hard", gate_bias_init=-3.0, exploration=exploration), jax.random.key(0))
-
-    def loss(params):
-      logits, aux = functional.apply(model_def, params, toks, rng=jax.random.key(5), stats=None)
-      assert_closed = aux.open_rate
-      return jnp.mean(logits ** 2), assert_closed
-    grads, open_rate = jax.grad(loss, has_aux=True)(params)
-    assert float(jnp.max(open_rate)) == 0.0
-    return grads["blocks"]["gate_head"]["out"]["kernel"][...]
-
-  assert float(jnp.max(jnp.abs(gate_grad(0.0)))) == 0.0
-  assert float(jnp.max(jnp.abs(gate_grad(0.5)))) > 0.0
+  if bias < 0:
+    # Every gate is closed, but not saturated (sigmoid(-3) = 0.05): without exploration the
+    # gate gets no gradient at all; explored tokens give it the straight-through signal.
+    head_grad = float(jnp.max(jnp.abs(grads_s["blocks"]["gate_head"]["out"]["kernel"][...])))
+    assert (head_grad > 0.0) == training, head_grad
 
 
 # ---------------------------------------------------------------------------- causality
@@ -150,9 +138,9 @@ def test_generate_samples_with_temperature_and_checks_input():
 def test_functional_apply_under_jit_grad_vmap():
   model_def, params = functional.init(config(), jax.random.key(3))
   toks = tokens(10)
-  eager, _ = functional.apply(model_def, params, toks)
-  jitted, _ = jax.jit(functional.apply, static_argnums=0)(model_def, params, toks)
-  np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+  eager, _ = functional.apply(model_def, params, toks, stats=None)
+  model = nnx.merge(model_def, params)
+  np.testing.assert_array_equal(eager, model(toks, stats=None)[0])  # the module, same numbers
 
   def loss(params, toks):
     logits, _ = functional.apply(model_def, params, toks, stats=None)
@@ -174,8 +162,7 @@ def test_tree_mode_split_merge_round_trip():
   np.testing.assert_array_equal(model(toks)[0], clone(toks)[0])
 
 
-@pytest.mark.parametrize("mode", [dict(gate="hard"), dict(gate="soft", recurrence="gru"),
-                                  dict(mixer="attention")], ids=mode_id)
+@pytest.mark.parametrize("mode", [dict(gate="hard"), dict(mixer="attention")], ids=mode_id)
 def test_bfloat16_forward_and_grad_finite(mode):
   model_def, params = functional.init(config(dtype="bfloat16", **mode), jax.random.key(5))
   toks = tokens(13)

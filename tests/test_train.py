@@ -13,7 +13,6 @@ import pytest
 
 from tgn_jax.training import cli, loop
 from tgn_jax.training.config import resolve
-from tgn_jax.training.tasks import make_task
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--batch_size=16", "--d_model=32", "--eval_examples=64", "--log_every=5",

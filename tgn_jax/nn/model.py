@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from tgn_jax.config import TGNConfig
-from tgn_jax.nn.block import Block, LayerAux, LayerCache
+from tgn_jax.nn.block import Block, LayerAux
 from tgn_jax.nn.layers import rms_norm
 from tgn_jax.ops.attention import ThermoStats
 

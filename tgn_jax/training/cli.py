@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tgn_jax.data import DataError
-from tgn_jax.training.config import FIELDS, TASK_PRESETS, ConfigError, TrainConfig, resolve
+from tgn_jax.training.config import TASK_PRESETS, ConfigError, TrainConfig, resolve
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1

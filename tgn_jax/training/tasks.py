@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
