@@ -133,7 +133,8 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
     soft_def = train_steps.model_def_for(soft_config)
     soft_step = train_steps.make_train_step(soft_def, soft_config, optimizer)
     soft_eval = train_steps.make_eval_step(soft_def, soft_config)
-  phase = lambda step: "soft" if step < soft_steps else model_config.gate
+  gate_mode = model_config.gate if model_config.mixer == "tgn" else "none"
+  phase = lambda step: "soft" if step < soft_steps else gate_mode
   stop = _SignalFlag()
   log = lambda msg: tqdm.write(msg, file=sys.stderr)
   log(f"{task.description} | {model_config.mixer} mixer, gate {model_config.gate}, "
