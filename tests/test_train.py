@@ -41,7 +41,7 @@ def run_main(args, capsys):
 # ---------------------------------------------------------------------------- learning
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept even when the worker runs other modules between
 def mqar_run(tmp_path_factory):
   """The default task and model (soft warm-up, then hard gate + thermostat), 400 steps.
 
