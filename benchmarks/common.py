@@ -112,6 +112,11 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   from tgn_jax.training.config import resolve
   from tgn_jax.training.loop import prepare, train
   summary_path = out / "summary.json"
+  if (out / "config.json").exists():
+    stored = json.loads((out / "config.json").read_text())
+    changed = {k: (stored.get(k), v) for k, v in options.items() if stored.get(k) != v}
+    if changed:
+      raise ValueError(f"{out} holds a run with other options (stored, requested): {changed}")
   if summary_path.exists():
     summary = json.loads(summary_path.read_text())
     if not summary.get("interrupted_by") and summary["steps_completed"] >= summary["steps_requested"]:

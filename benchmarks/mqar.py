@@ -64,6 +64,8 @@ def main(argv=None):
                          checkpoint_every=max(1, args.steps // 4), target_rate=args.target_rate)
           options.update(MODELS[model])
           name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
+          if model == "tgn":
+            name += f"_target{args.target_rate:g}"
           summary = common.train_run(options, runs_dir / name)
           final = summary["final"]
           row = dict(model=model, seq_len=seq_len, num_kv=num_kv, d_model=d_model, lr=lr,

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks import attention, decode, grokking, lm, mqar, phase, recurrence, throughput  # noqa: E402
+from benchmarks import (attention, decode, grokking, lm, mqar, phase, recurrence, report,  # noqa: E402
+                        throughput)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -127,6 +128,9 @@ def test_mqar(tmp_path):
   again = mqar.main(["--tiny", "--models", "tgn", "--runs_dir", str(tmp_path / "runs"),
                      "--out", str(tmp_path / "y.json")])
   assert again["rows"][0]["seconds"] == row["seconds"]
+  text = report.render(out)  # the RESULTS.md table, with the provenance line above it
+  assert "| model | seq_len |" in text and "| tgn | 32 | 4 |" in text
+  assert results["env"]["command"] in text
 
 
 def test_grokking(tmp_path):

@@ -1,0 +1,78 @@
+"""Markdown tables of the result files in benchmarks/results/, for RESULTS.md.
+
+Each table is preceded by the device, versions, date and command recorded in its file.
+
+  python benchmarks/report.py                 # every results/*.json (not the _tiny ones)
+  python benchmarks/report.py mqar phase      # chosen result names
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS_DIR  # noqa: E402
+
+COLUMNS = {
+    "attention": ["T", "B", "path", "rate", "segment", "ms", "fraction", "ideal"],
+    "recurrence": ["recurrence", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_reference", "mtok_per_s_fwd"],
+    "throughput": ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer", "open_rate",
+                   "compute_rate", "peak_gib", "error"],
+    "decode": ["model", "context", "B", "tokens_per_s", "vs_transformer", "decode_open_rate",
+               "error"],
+    "mqar": ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
+             "open_at_queries", "open_elsewhere", "steps"],
+    "grokking": ["seed", "peak_step", "grok_step", "lead", "peak_heat", "final_test_accuracy",
+                 "final_train_accuracy"],
+    "phase": ["lam", "open_rate", "eval_ce", "eval_accuracy", "susceptibility"],
+    "lm": ["model", "bpb", "open_rate", "params", "tokens_per_sec", "seconds",
+           "seconds_to_reach"],
+}
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+  columns = [c for c in columns if any(c in r for r in rows)]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  for r in rows:
+    lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+  return "\n".join(lines)
+
+
+def render(path: Path) -> str:
+  results = json.loads(path.read_text())
+  env = results["env"]
+  kind = path.stem.split("_")[0]
+  out = [f"### {path.stem}",
+         f"{env['device']} ({env['backend']}), jax {env['jax']}, flax {env['flax']}, "
+         f"{env['date']}; `{env['command']}`", "",
+         table(results["rows"], COLUMNS.get(kind, list(results["rows"][0])))]
+  for key in ("verdict", "critical_lam", "reach_bpb"):
+    if key in results:
+      out.append(f"\n{key}: {_fmt(results[key])}")
+  if "thermostat" in results:
+    t = results["thermostat"]
+    out.append(f"\nthermostat: settles at lambda {_fmt(t['lam'])}, open rate "
+               f"{_fmt(t['open_rate'])}, eval ce {_fmt(t['eval_ce'])}, accuracy "
+               f"{_fmt(t['eval_accuracy'])}")
+  return "\n".join(out)
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return "–" if value is None else str(value)
+
+
+def main(argv=None):
+  names = (argv if argv is not None else sys.argv[1:])
+  paths = ([RESULTS_DIR / f"{n}.json" for n in names] if names else
+           sorted(p for p in RESULTS_DIR.glob("*.json") if not p.stem.endswith("_tiny")))
+  text = "\n\n".join(render(p) for p in paths)
+  print(text)
+  return text
+
+
+if __name__ == "__main__":
+  main()
