@@ -123,3 +123,26 @@ def test_route_causal_segments_equals_dense(segment_len):
                                                             segment_len))
   dense = jnp.where(sel[..., None], x * jnp.cumsum(keys, axis=1)[..., None], 0.0)
   np.testing.assert_allclose(sparse(x), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_route_gradient_saves_no_per_capacity_residuals():
+  """The backward pass keeps the branch inputs, not every capacity's intermediates: the
+  residuals do not grow with the number of buckets (a differentiated lax.switch would
+  hold a zero-filled copy of each branch's residuals)."""
+  batch, seq_len, d = 2, 64, 8
+  x = jax.random.normal(jax.random.key(0), (batch, seq_len, d))
+  sel = jax.random.bernoulli(jax.random.key(1), 0.2, (batch, seq_len))
+  weight = jax.random.normal(jax.random.key(2), (d, d))
+
+  def expensive_matmul(x_BCD, pos_BC, valid_BC):
+    hidden = jnp.tanh(x_BCD @ weight)  # [B, C, D] intermediates, saved unless recomputed
+    return jnp.tanh(hidden @ weight) * pos_BC[..., None]
+
+  def residual_bytes(fractions):
+    caps = gate_ops.capacity_buckets(seq_len, fractions, multiple=1)
+    _, pullback = jax.vjp(lambda x: gate_ops.route(expensive_matmul, sel, x, caps), x)
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(pullback))
+
+  few = residual_bytes((0.5, 1.0))
+  many = residual_bytes((0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0))
+  assert many <= few * 1.1, (few, many)

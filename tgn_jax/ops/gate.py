@@ -65,13 +65,15 @@ def route(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
     fn: fn(gathered, positions_BC, valid_BC) -> pytree of [B, C, ...] arrays, where
       `gathered` is `operands` gathered at the selected tokens in increasing position
       order, positions_BC their int32 positions, valid_BC False in padding slots
-      (whose outputs are discarded).
+      (whose outputs are discarded). fn may close over arrays (weights, keys).
     selected_BT: bool [B, T].
     operands: pytree of [B, T, ...] arrays.
     capacities: increasing static ints from `capacity_buckets` (first 0, last >= T).
 
   Returns:
     fn's outputs scattered to [B, T, ...], zero at tokens not selected.
+
+  Under differentiation the taken branch is recomputed in the backward pass.
   """
   batch, seq_len = selected_BT.shape
   capacities = tuple(int(c) for c in capacities)
@@ -90,7 +92,12 @@ def route(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
               y, mode="drop"), outputs)
     return branch
 
-  branches = [gathered_branch(c) for c in capacities[1:]]
+  # Each branch is rematerialised: a differentiated lax.switch saves the residuals of
+  # every branch, zero-filled when not taken, and with capacity-sized residuals that
+  # costs more than the attention it skips. Checkpointed branches save only their
+  # inputs, the same arrays in every branch, and the backward pass recomputes the
+  # taken branch alone.
+  branches = [jax.checkpoint(gathered_branch(c)) for c in capacities[1:]]
   out_shapes = jax.eval_shape(branches[0], selected_BT, operands)
 
   def skip(selected, operands):
