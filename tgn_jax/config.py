@@ -43,7 +43,9 @@ class TGNConfig:
   capacity_buckets: fractions of a segment's length; the hard gate gathers the
     open tokens into the smallest bucket that holds the batch's largest count.
   segment_len: sparse execution gathers per segment of this many tokens, and each
-    segment's queries read only the keys up to its end (causal work saved).
+    segment's queries read only the keys up to its end (causal work saved, at a fixed
+    cost per segment; one segment was faster up to T=8192 at open rates <= 0.25 on an
+    H200, see benchmarks/RESULTS.md).
   capacity_multiple: capacities are rounded up to a multiple of this (a GPU tile);
     short sequences then use few buckets (and compile few branches).
   """
@@ -65,7 +67,7 @@ class TGNConfig:
   attention_execution: Optional[Execution] = None
   capacity_buckets: tuple[float, ...] = (0.0625, 0.125, 0.15625, 0.1875, 0.25, 0.375, 0.5, 0.75,
                                          1.0)
-  segment_len: int = 2048
+  segment_len: int = 8192
   capacity_multiple: int = 64
   temperature: Union[None, float, str] = None
   exploration: float = 0.02

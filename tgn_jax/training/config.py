@@ -60,7 +60,7 @@ class TrainConfig:
   exploration: float = _field(0.02, "fraction of closed-gate tokens computed for the gate gradient")
   gate_bias_init: float = _field(0.0, "initial gate logit bias (0: open probability 1/2)")
   gate_sampling: bool = _field(False, "Bernoulli-sample the hard gate in training")
-  segment_len: int = _field(2048, "sparse attention gather segment length")
+  segment_len: int = _field(8192, "sparse attention gather segment length")
   dtype: str = _field("float32", "compute dtype: float32 | bfloat16")
   remat: bool = _field(False, "rematerialise each layer in the backward pass")
   # free energy and thermostat
