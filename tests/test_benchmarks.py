@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks import (attention, decode, grokking, lm, mqar, phase, recurrence, report,  # noqa: E402
+from benchmarks import (attention, common, decode, grokking, lm, mqar, phase, recurrence, report,  # noqa: E402
                         throughput)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -128,6 +128,10 @@ def test_mqar(tmp_path):
   again = mqar.main(["--tiny", "--models", "tgn", "--runs_dir", str(tmp_path / "runs"),
                      "--out", str(tmp_path / "y.json")])
   assert again["rows"][0]["seconds"] == row["seconds"]
+  # A run directory trained with other options is never reused as if it matched.
+  (run_dir,) = (tmp_path / "runs").iterdir()
+  with pytest.raises(ValueError, match="other options"):
+    common.train_run({"lr": 0.123}, run_dir)
   text = report.render(out)  # the RESULTS.md table, with the provenance line above it
   assert "| model | seq_len |" in text and "| tgn | 32 | 4 |" in text
   assert results["env"]["command"] in text
