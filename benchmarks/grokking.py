@@ -4,8 +4,9 @@ accuracy jumps?
 Modular addition (a + b) mod p, the Nanda et al. recipe (train.py --task modadd preset:
 1 layer, d_model 128, 4 heads, d_mlp 512, AdamW lr 1e-3, weight decay 1, betas (0.9, 0.98),
 full batch, 30% train split), several seeds. Per seed: the step where C (mean over heads
-and queries) peaks, the step where test accuracy first reaches 0.9, and the lead between
-them; a plot of C and accuracies against step.
+and queries) peaks and its height over the median, the steps where train and test accuracy
+first reach 0.9 (memorisation, generalisation), and the lead of the peak; a plot of C and
+accuracies against step. A peak that only marks memorisation says nothing about grokking.
 
   python benchmarks/grokking.py                      # 5 seeds, p = 113
   python benchmarks/grokking.py --tiny               # CPU smoke run
@@ -23,17 +24,24 @@ from benchmarks import common  # noqa: E402
 
 
 def analyse(evals: list[dict], threshold: float) -> dict:
-  """Peak step of the specific heat and the step test accuracy first reaches threshold."""
+  """Where the specific heat C peaks, how far it stands out, and when the model memorises
+  (train accuracy reaches threshold) and generalises (test accuracy reaches threshold)."""
   steps = np.array([e["step"] for e in evals])
   heat = np.array([np.nanmean(np.asarray(e["specific_heat"], float)) for e in evals])
   test = np.array([e["eval_accuracy"] for e in evals])
+  train = np.array([e["train_accuracy"] for e in evals])
   peak = int(steps[int(np.nanargmax(heat))])
-  reached = np.nonzero(test >= threshold)[0]
-  grok = int(steps[reached[0]]) if reached.size else None
-  return dict(peak_step=peak, peak_heat=float(np.nanmax(heat)), grok_step=grok,
+
+  def first(reached):
+    index = np.nonzero(reached)[0]
+    return int(steps[index[0]]) if index.size else None
+
+  grok = first(test >= threshold)
+  return dict(peak_step=peak, peak_heat=float(np.nanmax(heat)),
+              peak_over_median=float(np.nanmax(heat) / np.nanmedian(heat)),
+              memorised_step=first(train >= threshold), grok_step=grok,
               lead=None if grok is None else grok - peak,
-              final_test_accuracy=float(test[-1]),
-              final_train_accuracy=float(evals[-1]["train_accuracy"]))
+              final_test_accuracy=float(test[-1]), final_train_accuracy=float(train[-1]))
 
 
 def main(argv=None):
@@ -66,11 +74,17 @@ def main(argv=None):
     print(rows[-1], flush=True)
 
   leads = [r["lead"] for r in rows if r["lead"] is not None]
+  at_memorisation = sum(r["memorised_step"] is not None and r["peak_step"] <= r["memorised_step"]
+                        for r in rows)
+  prominence = [r["peak_over_median"] for r in rows]
   verdict = (f"C peaks before test accuracy reaches {args.threshold} in "
              f"{sum(lead > 0 for lead in leads)} of {len(rows)} seeds"
-             + (f" (median lead {np.median(leads):.0f} steps)" if leads else "; no seed grokked"))
-  common.print_table(rows, ["seed", "peak_step", "grok_step", "lead", "peak_heat",
-                            "final_test_accuracy", "final_train_accuracy"])
+             + (f" (median lead {np.median(leads):.0f} steps)" if leads else "; no seed grokked")
+             + f"; the peak is at or before memorisation in {at_memorisation} of {len(rows)}"
+             + f"; peak / median C: {min(prominence):.2f} to {max(prominence):.2f}")
+  common.print_table(rows, ["seed", "peak_step", "peak_over_median", "memorised_step",
+                            "grok_step", "lead", "peak_heat", "final_test_accuracy",
+                            "final_train_accuracy"])
   print(verdict)
   return common.finish("grokking", args, {"rows": rows, "verdict": verdict},
                        lambda png: plot(curves, rows, png))

@@ -147,10 +147,13 @@ def test_grokking(tmp_path):
 
 
 def test_grokking_analysis_finds_peak_and_jump():
-  evals = [dict(step=s, specific_heat=[h], eval_accuracy=a, train_accuracy=1.0)
-           for s, h, a in [(100, 0.1, 0.0), (200, 0.9, 0.1), (300, 0.3, 0.5), (400, 0.2, 0.95)]]
+  evals = [dict(step=s, specific_heat=[h], eval_accuracy=a, train_accuracy=t)
+           for s, h, a, t in [(100, 0.1, 0.0, 0.5), (200, 0.9, 0.1, 0.95), (300, 0.3, 0.5, 1.0),
+                              (400, 0.2, 0.95, 1.0)]]
   result = grokking.analyse(evals, 0.9)
   assert (result["peak_step"], result["grok_step"], result["lead"]) == (200, 400, 200)
+  assert result["memorised_step"] == 200
+  assert result["peak_over_median"] == pytest.approx(0.9 / 0.25)
 
 
 def test_phase(tmp_path):
