@@ -3,11 +3,13 @@
 # own time limit, so a failure or overrun in one leaves the others; after every step the
 # result files so far are packed into DEST/results.tar and the log is in DEST/log.txt.
 #
-#   benchmarks/run_gpu.sh DEST [all|core]  # from the repository root, on a CUDA machine
+#   benchmarks/run_gpu.sh DEST [all|core|rest]  # from the repository root, on a CUDA machine
 #
+# all:  everything below in one go (about 13 minutes with every step at its limit).
 # core: gated attention and training throughput at T=8192 and 1024 only (about 4 minutes).
+# rest: what RESULTS.md still lacks: decoding, T=2048 and 32768 (about 10 minutes).
 set -u
-dest=${1:?usage: benchmarks/run_gpu.sh DEST [all|core]}
+dest=${1:?usage: benchmarks/run_gpu.sh DEST [all|core|rest]}
 mode=${2:-all}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -31,6 +33,20 @@ if [ "$mode" = core ]; then
     --models tgn-hard-0.10,transformer --out $res/throughput_8192.json
   step 60 "$py" benchmarks/throughput.py --seq_lens 1024 --repeats 5 \
     --models tgn-hard-0.10,transformer --out $res/throughput_1024.json
+  echo "### done $(date -u +%T)" | tee -a "$log"
+  exit 0
+fi
+
+if [ "$mode" = rest ]; then
+  step 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  step 120 "$py" benchmarks/decode.py --contexts 4096 --batches 1,16 --repeats 3 \
+    --out $res/decode_4096.json
+  step 200 "$py" benchmarks/decode.py --contexts 32768 --batches 1,16 --repeats 3 \
+    --out $res/decode_32768.json
+  step 120 "$py" benchmarks/attention.py --seq_lens 2048,32768 --segment_lens 2048,0 \
+    --rates 0.05,0.1,0.25,1.0 --repeats 10 --out $res/attention_2048_32768.json
+  step 120 "$py" benchmarks/throughput.py --seq_lens 32768 --remat --repeats 3 \
+    --models tgn-hard-0.10,transformer,recurrent --out $res/throughput_32768.json
   echo "### done $(date -u +%T)" | tee -a "$log"
   exit 0
 fi
