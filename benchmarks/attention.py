@@ -26,6 +26,7 @@ from tgn_jax.ops.attention import gibbs_attention  # noqa: E402
 from tgn_jax.ops.gate import route_causal_segments  # noqa: E402
 
 DEFAULTS = TGNConfig(vocab_size=1)  # the library's capacity buckets
+COLUMNS = ["T", "B", "path", "rate", "segment", "ms", "fraction", "ideal"]
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, rate, dtype):
@@ -70,7 +71,6 @@ def main(argv=None):
     args.multiple = 8
     dtype = jnp.float32
 
-  env = common.environment()
   rows = []
   for seq_len in args.seq_lens:
     batch = max(1, args.tokens_per_batch // seq_len)
@@ -96,16 +96,11 @@ def main(argv=None):
         print(f"  rate={rate} segment={segment}: {timing['median_ms']:.3f} ms "
               f"= {rows[-1]['fraction']:.3f} x dense", flush=True)
 
-  common.print_table(rows, ["T", "B", "path", "rate", "segment", "ms", "fraction", "ideal"])
-  results = {"env": env, "config": {"heads": args.heads, "head_dim": args.head_dim,
-                                    "dtype": jnp.dtype(dtype).name,
-                                    "tokens_per_batch": args.tokens_per_batch,
-                                    "measure": "forward+backward (grad wrt q, k, v), median"},
-             "rows": rows}
-  path = common.write_results("attention" + ("_tiny" if args.tiny else ""), results, args.out)
-  plot(rows, path.with_suffix(".png"))
-  print(f"wrote {path}")
-  return results
+  common.print_table(rows, COLUMNS)
+  config = {"heads": args.heads, "head_dim": args.head_dim, "dtype": jnp.dtype(dtype).name,
+            "tokens_per_batch": args.tokens_per_batch,
+            "measure": "forward+backward (grad wrt q, k, v), median"}
+  return common.finish("attention", args, {"rows": rows}, lambda png: plot(rows, png), config)
 
 
 def _extra(timing):

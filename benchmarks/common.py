@@ -143,11 +143,14 @@ def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 
 
 def finish(name: str, args, results: dict[str, Any],
-           plot: Callable[[Path], None] | None = None) -> dict[str, Any]:
-  """Adds the environment and the script's options to `results`, writes the JSON (and the
-  plot beside it, given a function of the PNG path) and returns the results."""
-  options = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")}
-  results = {"env": environment(), "config": options, **results}
+           plot: Callable[[Path], None] | None = None,
+           config: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Adds the environment and the config (default: the script's options) to `results`,
+  writes the JSON (and the plot beside it, given a function of the PNG path) and returns
+  the results."""
+  if config is None:
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")}
+  results = {"benchmark": name, "env": environment(), "config": config, **results}
   path = write_results(name + ("_tiny" if args.tiny else ""), results, args.out)
   if plot is not None:
     plot(path.with_suffix(".png"))

@@ -33,6 +33,8 @@ from benchmarks import common, gate_control  # noqa: E402
 from tgn_jax import TGNConfig, count_params, functional  # noqa: E402
 
 MODELS = ("tgn-hard-0.10", "transformer")
+COLUMNS = ["model", "context", "B", "ms_n1", "ms_n2", "ms_per_step", "tokens_per_s",
+           "vs_transformer", "decode_open_rate", "decode_skip_rate", "peak_gib", "error"]
 
 
 def main(argv=None):
@@ -62,7 +64,6 @@ def main(argv=None):
   if not 1 <= args.n1 < args.n2 < min(args.contexts):
     parser.error("need 1 <= n1 < n2 < every context")
 
-  env = common.environment()
   rows = []
   for context in args.contexts:
     for batch in args.batches:
@@ -71,21 +72,15 @@ def main(argv=None):
         print(_summary(rows[-1]), flush=True)
   add_transformer_ratio(rows)
 
-  common.print_table(rows, ["model", "context", "B", "ms_n1", "ms_n2", "ms_per_step",
-                            "tokens_per_s", "vs_transformer", "decode_open_rate",
-                            "decode_skip_rate", "peak_gib", "error"])
-  results = {"env": env, "config": {
+  common.print_table(rows, COLUMNS)
+  config = {
       "layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
       "dtype": args.dtype, "n1": args.n1, "n2": args.n2, "temperature": args.temperature,
       "measure": "median wall time of generate(prompt of context - n2 tokens, n) for n = n1, "
                  "n2; tokens/s = B (n2 - n1) / (t2 - t1); decode_open_rate: open gates over "
                  "layers, rows and decode steps; decode_skip_rate: fraction of (layer, step) "
-                 "with every row closed; peak_gib: process-wide peak so far"},
-      "rows": rows}
-  path = common.write_results("decode" + ("_tiny" if args.tiny else ""), results, args.out)
-  plot(rows, path.with_suffix(".png"))
-  print(f"wrote {path}")
-  return results
+                 "with every row closed; peak_gib: process-wide peak so far"}
+  return common.finish("decode", args, {"rows": rows}, lambda png: plot(rows, png), config)
 
 
 def measure(name: str, context: int, batch: int, args) -> dict:

@@ -22,6 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
+COLUMNS = ["seed", "peak_step", "peak_over_median", "memorised_step", "grok_step", "lead",
+           "peak_heat", "final_test_accuracy", "final_train_accuracy"]
+
 
 def analyse(evals: list[dict], threshold: float) -> dict:
   """Where the specific heat C peaks, how far it stands out, and when the model memorises
@@ -82,9 +85,7 @@ def main(argv=None):
              + (f" (median lead {np.median(leads):.0f} steps)" if leads else "; no seed grokked")
              + f"; the peak is at or before memorisation in {at_memorisation} of {len(rows)}"
              + f"; peak / median C: {min(prominence):.2f} to {max(prominence):.2f}")
-  common.print_table(rows, ["seed", "peak_step", "peak_over_median", "memorised_step",
-                            "grok_step", "lead", "peak_heat", "final_test_accuracy",
-                            "final_train_accuracy"])
+  common.print_table(rows, COLUMNS)
   print(verdict)
   return common.finish("grokking", args, {"rows": rows, "verdict": verdict},
                        lambda png: plot(curves, rows, png))

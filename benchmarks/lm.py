@@ -15,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
+COLUMNS = ["model", "bpb", "open_rate", "params", "tokens_per_sec", "seconds", "seconds_to_reach"]
+
 MODELS = {
     "tgn": dict(mixer="tgn", gate="hard"),
     "transformer": dict(mixer="attention", target_rate=None),
@@ -68,8 +70,7 @@ def main(argv=None):
     reach = max(r["bpb"] for r in rows if r["model"] != "recurrent") if len(rows) > 1 else rows[0]["bpb"]
   for r in rows:
     r["seconds_to_reach"] = time_to_reach(evals[r["model"]], reach)
-  common.print_table(rows, ["model", "bpb", "open_rate", "params", "tokens_per_sec",
-                            "seconds", "seconds_to_reach"])
+  common.print_table(rows, COLUMNS)
   print(f"time to reach {reach:.4f} bits/byte in the last column")
   return common.finish("lm", args, {"rows": rows, "reach_bpb": reach},
                        lambda png: plot(evals, reach, png))

@@ -20,6 +20,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
+COLUMNS = ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
+           "open_at_queries", "open_elsewhere", "steps"]
+
 MODELS = {
     "tgn": dict(mixer="tgn", gate="hard"),
     "transformer": dict(mixer="attention", target_rate=None),
@@ -79,9 +82,7 @@ def main(argv=None):
             best = row
         rows.append(best)
 
-  columns = ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
-             "open_at_queries", "open_elsewhere", "steps"]
-  common.print_table(rows, columns)
+  common.print_table(rows, COLUMNS)
   return common.finish("mqar", args, {"rows": rows}, lambda png: plot(rows, png))
 
 

@@ -19,6 +19,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
+COLUMNS = ["lam", "thermostat", "open_rate", "eval_ce", "eval_accuracy", "susceptibility"]
+
 
 def main(argv=None):
   parser = common.base_parser(__doc__.splitlines()[0])
@@ -57,8 +59,7 @@ def main(argv=None):
   for r, chi in zip(rows, susceptibility):
     r["susceptibility"] = float(chi)
   critical = float(lams[int(np.argmax(susceptibility))])
-  common.print_table(rows + [thermo_row], ["lam", "thermostat", "open_rate", "eval_ce",
-                                           "eval_accuracy", "susceptibility"])
+  common.print_table(rows + [thermo_row], COLUMNS)
   print(f"critical lambda (peak susceptibility) {critical:g}; thermostat for target "
         f"{args.target_rate} settles at lambda {thermo_row['lam']:.4g}, open rate "
         f"{thermo_row['open_rate']:.3f}")

@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from tgn_jax.ops import recurrence as rec  # noqa: E402
 
+COLUMNS = ["recurrence", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_reference", "mtok_per_s_fwd"]
+
 
 def diagonal_scan(a, b):
   """The reference: h_t = a_t h_{t-1} + b_t with jax.lax.associative_scan, nothing else."""
@@ -61,13 +63,9 @@ def main(argv=None):
   base = rows[0]["fwd_bwd_ms"]
   for r in rows:
     r["fwd_bwd_vs_reference"] = r["fwd_bwd_ms"] / base
-  common.print_table(rows, ["recurrence", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_reference",
-                            "mtok_per_s_fwd"])
-  results = {"env": common.environment(), "config": {"B": b, "T": t, "D": d, "dtype": "float32"},
-             "rows": rows}
-  path = common.write_results("recurrence" + ("_tiny" if args.tiny else ""), results, args.out)
-  print(f"wrote {path}")
-  return results
+  common.print_table(rows, COLUMNS)
+  return common.finish("recurrence", args, {"rows": rows},
+                       config={"B": b, "T": t, "D": d, "dtype": "float32"})
 
 
 if __name__ == "__main__":

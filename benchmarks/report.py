@@ -1,6 +1,7 @@
 """Markdown tables of the result files in benchmarks/results/, for RESULTS.md.
 
-Each table is preceded by the device, versions, date and command recorded in its file.
+The columns are those the script that wrote the file prints; each table is preceded by the
+device, versions, date and command recorded in the file.
 
   python benchmarks/report.py                 # every results/*.json (not the _tiny ones)
   python benchmarks/report.py mqar phase      # chosen result names
@@ -8,28 +9,13 @@ Each table is preceded by the device, versions, date and command recorded in its
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR  # noqa: E402
-
-COLUMNS = {
-    "attention": ["T", "B", "path", "rate", "segment", "ms", "fraction", "ideal"],
-    "recurrence": ["recurrence", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_reference", "mtok_per_s_fwd"],
-    "throughput": ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer", "open_rate",
-                   "compute_rate", "peak_gib", "error"],
-    "decode": ["model", "context", "B", "tokens_per_s", "vs_transformer", "decode_open_rate",
-               "error"],
-    "mqar": ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
-             "open_at_queries", "open_elsewhere", "steps"],
-    "grokking": ["seed", "peak_step", "peak_over_median", "memorised_step", "grok_step", "lead",
-                 "peak_heat", "final_test_accuracy", "final_train_accuracy"],
-    "phase": ["lam", "open_rate", "eval_ce", "eval_accuracy", "susceptibility"],
-    "lm": ["model", "bpb", "open_rate", "params", "tokens_per_sec", "seconds",
-           "seconds_to_reach"],
-}
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -43,11 +29,11 @@ def table(rows: list[dict], columns: list[str]) -> str:
 def render(path: Path) -> str:
   results = json.loads(path.read_text())
   env = results["env"]
-  kind = path.stem.split("_")[0]
+  kind = results.get("benchmark") or path.stem.split("_")[0]  # files older than the field
   out = [f"### {path.stem}",
          f"{env['device']} ({env['backend']}), jax {env['jax']}, flax {env['flax']}, "
          f"{env['date']}; `{env['command']}`", "",
-         table(results["rows"], COLUMNS.get(kind, list(results["rows"][0])))]
+         table(results["rows"], importlib.import_module(f"benchmarks.{kind}").COLUMNS)]
   for key in ("verdict", "critical_lam", "reach_bpb"):
     if key in results:
       out.append(f"\n{key}: {_fmt(results[key])}")

@@ -37,6 +37,8 @@ from tgn_jax.training import steps  # noqa: E402
 from tgn_jax.training.config import resolve  # noqa: E402
 
 LEARNING_RATE = 1e-5
+COLUMNS = ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer", "open_rate", "compute_rate",
+           "gathered_fraction", "peak_gib", "xla_gib", "compile_s", "error"]
 
 
 def main(argv=None):
@@ -64,7 +66,6 @@ def main(argv=None):
   if unknown:
     parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(gate_control.MODELS)}")
 
-  env = common.environment()
   rows = []
   for seq_len in args.seq_lens:
     for name in args.models:
@@ -72,10 +73,8 @@ def main(argv=None):
       print(_summary(rows[-1]), flush=True)
   add_transformer_ratio(rows)
 
-  common.print_table(rows, ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer",
-                            "open_rate", "compute_rate", "gathered_fraction", "peak_gib",
-                            "xla_gib", "compile_s", "error"])
-  results = {"env": env, "config": {
+  common.print_table(rows, COLUMNS)
+  config = {
       "layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
       "dtype": args.dtype, "tokens_per_batch": args.tokens_per_batch, "remat": args.remat,
       "exploration": args.exploration, "learning_rate": LEARNING_RATE,
@@ -85,12 +84,8 @@ def main(argv=None):
                  "gathered_fraction: query slots of the sparse attention per token (capacity "
                  "buckets) on the calibration batch, exploration drawn as in training; peak_gib: "
                  "process-wide peak so far (monotone over rows); xla_gib: the compiled step's "
-                 "arguments + outputs + temporaries"},
-      "rows": rows}
-  path = common.write_results("throughput" + ("_tiny" if args.tiny else ""), results, args.out)
-  plot(rows, path.with_suffix(".png"))
-  print(f"wrote {path}")
-  return results
+                 "arguments + outputs + temporaries"}
+  return common.finish("throughput", args, {"rows": rows}, lambda png: plot(rows, png), config)
 
 
 def measure(name: str, seq_len: int, args) -> dict:
