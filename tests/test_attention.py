@@ -109,6 +109,38 @@ def test_gathered_queries_equal_rows_of_full_attention():
                                rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_lengths_pad_queries_and_hide_keys():
+  """q_lengths: slots past a row's length output zero (stats NaN); kv_lengths: keys past it
+  are invisible (a decoding row reads only its filled cache), 0 keys gives zero output;
+  everything else equals the float64 reference on the kept keys."""
+  q, k, v = qkv(14, batch=3, q_len=5, k_len=9, kv_heads=2)
+  positions = jnp.array([[0, 2, 4, 6, 8]] * 3)
+  q_lengths, kv_lengths = jnp.array([5, 3, 0]), jnp.array([9, 4, 7])
+  out, s = gibbs_attention(q, k, v, q_positions=positions, q_lengths=q_lengths,
+                           kv_lengths=kv_lengths, return_stats=True)
+  for b in range(3):
+    n_q, n_k = int(q_lengths[b]), int(kv_lengths[b])
+    assert not np.any(np.asarray(out[b, n_q:]))
+    assert np.all(np.isnan(np.asarray(s.entropy[b, n_q:])))
+    if n_q:
+      ref_out, ref = attention_reference_np(q[b:b + 1, :n_q], k[b:b + 1, :n_k], v[b:b + 1, :n_k],
+                                            np.sqrt(8.0), q_positions=positions[b:b + 1, :n_q])
+      np.testing.assert_allclose(out[b:b + 1, :n_q], ref_out, rtol=1e-5, atol=1e-6)
+      for name in FIELDS:
+        np.testing.assert_allclose(getattr(s, name)[b:b + 1, :n_q], ref[name], rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+  # Decoding: one query, no causal mask, per-row key counts (0 = a row that reads nothing).
+  dq = q[:, :1]
+  out = gibbs_attention(dq, k, v, is_causal=False, kv_lengths=jnp.array([9, 1, 0]))
+  ref_out, _ = attention_reference_np(dq[:2], k[:2], v[:2], np.sqrt(8.0), is_causal=False)
+  np.testing.assert_allclose(out[0], ref_out[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[1, 0], jnp.repeat(v[1, 0], 2, axis=0), rtol=1e-6)
+  assert not np.any(np.asarray(out[2]))
+  g = jax.grad(lambda v: jnp.sum(gibbs_attention(dq, k, v, is_causal=False,
+                                                 kv_lengths=jnp.array([9, 1, 0])) ** 2))(v)
+  assert np.all(np.isfinite(np.asarray(g))) and not np.any(np.asarray(g[2]))
+
+
 def test_default_positions_are_the_last_queries():
   q, k, v = qkv(7, q_len=3, k_len=10)
   out = gibbs_attention(q, k, v)
@@ -165,6 +197,9 @@ def test_jit_and_vmap_compose():
     ("positions_shape", ValueError, "q_positions must have shape"),
     ("positions_dtype", TypeError, "q_positions must be integer"),
     ("implementation", ValueError, "implementation must be"),
+    ("q_lengths_shape", ValueError, r"q_lengths must have shape \[B\]"),
+    ("kv_lengths_dtype", TypeError, "kv_lengths must be integer"),
+    ("kv_lengths_range", ValueError, r"kv_lengths must lie in \[0, 12\]"),
 ])
 def test_bad_input_names_the_argument(case, error, match):
   q, k, v = qkv(12)
@@ -191,6 +226,12 @@ def test_bad_input_names_the_argument(case, error, match):
     kwargs["q_positions"] = jnp.zeros((2, 12), jnp.float32)
   elif case == "implementation":
     kwargs["implementation"] = "flash"
+  elif case == "q_lengths_shape":
+    kwargs["q_lengths"] = jnp.zeros((3,), jnp.int32)
+  elif case == "kv_lengths_dtype":
+    kwargs["kv_lengths"] = jnp.zeros((2,), jnp.float32)
+  elif case == "kv_lengths_range":
+    kwargs["kv_lengths"] = jnp.array([3, 13])
   with pytest.raises(error, match=match):
     gibbs_attention(q, k, v, **kwargs)
 
@@ -208,3 +249,37 @@ def test_cudnn_matches_xla_on_gpu():
   err = jnp.linalg.norm((gathered - ref[rows, positions]).astype(jnp.float32)) / jnp.linalg.norm(
       ref[rows, positions].astype(jnp.float32))
   assert float(err) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cudnn_lengths_match_xla_on_gpu():
+  """Gathered queries with per-row query lengths beside the position mask (training
+  routing), and one query over per-row key lengths with a zero-length row (decoding):
+  cuDNN equals XLA in values and in the gradients of q, k and v."""
+  q, k, v = qkv(15, batch=3, q_len=256, k_len=256, heads=4, head_dim=64, dtype=jnp.bfloat16)
+  positions = jnp.sort(jax.random.choice(jax.random.key(1), 256, (3, 64), replace=False), axis=1)
+  rows = jnp.arange(3)[:, None]
+  weights = jax.random.normal(jax.random.key(2), (3, 64, 4, 64), jnp.float32)
+
+  def gathered(q, k, v, impl):
+    out = gibbs_attention(q[rows, positions], k, v, q_positions=positions,
+                          q_lengths=jnp.array([64, 17, 0]), implementation=impl)
+    return jnp.sum(out.astype(jnp.float32) * weights), out
+
+  def decoding(q, k, v, impl):
+    return gibbs_attention(q[:, :1], k, v, is_causal=False, kv_lengths=jnp.array([256, 5, 0]),
+                           implementation=impl)
+
+  def close(a, b, tol=2e-2):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    assert float(jnp.linalg.norm(a - b)) <= tol * float(jnp.linalg.norm(b)) + 1e-6
+
+  grad = lambda impl: jax.grad(gathered, argnums=(0, 1, 2), has_aux=True)(q, k, v, impl)
+  (gc, oc), (gx, ox) = grad("cudnn"), grad("xla")
+  close(oc, ox)
+  assert not bool(jnp.any(oc[2])) and not bool(jnp.any(oc[1, 17:]))
+  for a, b in zip(gc, gx):
+    close(a, b)
+  dc, dx = decoding(q, k, v, "cudnn"), decoding(q, k, v, "xla")
+  close(dc, dx)
+  assert bool(jnp.all(jnp.isfinite(dc.astype(jnp.float32)))) and not bool(jnp.any(dc[2]))

@@ -34,31 +34,39 @@ def mode_id(mode):
 # ---------------------------------------------------------------------------- execution
 
 
-@pytest.mark.parametrize("bias, training", [(0.0, False), (0.0, True), (-3.0, False), (-3.0, True),
+@pytest.mark.parametrize("bias, training", [(-0.5, False), (-0.5, True), (-3.0, False), (-3.0, True),
                                             (30.0, False)],
                          ids=["random", "random-train", "all_closed", "all_closed-train", "all_open"])
 def test_sparse_equals_dense_logits_and_gradients(bias, training):
-  kw = dict(gate="hard", gate_bias_init=bias, exploration=0.25 if training else 0.0,
-            gate_sampling=training and bias == 0.0)
+  """Routed at the smallest capacity that holds the busiest row (so that row's count is
+  exactly the capacity), sparse execution equals dense; one slot less overflows and says so."""
+  kw = dict(gate="hard", gate_bias_init=bias, exploration=0.5 if training else 0.0,
+            exploration_floor=0.25, gate_sampling=training and bias > -3, capacity_multiple=1)
   sparse_def, params = functional.init(config(attention_execution="sparse", **kw), jax.random.key(0))
   dense_def, dense_params = functional.init(config(attention_execution="dense", **kw), jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, params, dense_params)
   toks = tokens(1)
   rng = jax.random.key(2) if training else None
   weights = jax.random.normal(jax.random.key(3), (3, SEQ, VOCAB))
-  penalty = 1.0 if bias >= 0 else 0.0  # closed cases: only the mix's straight-through gradient
+  penalty = 1.0 if bias > -3 else 0.0  # closed cases: only the mix's straight-through gradient
 
-  def loss(params, model_def):
-    logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None)
+  def loss(params, model_def, capacity):
+    logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None,
+                                   capacity=capacity)
     return jnp.sum(logits * weights) + penalty * jnp.sum(aux.gate_prob), (logits, aux)
 
-  (_, (logits_s, aux_s)), grads_s = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                                            static_argnums=1)(params, sparse_def)
-  (_, (logits_d, aux_d)), grads_d = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                                            static_argnums=1)(params, dense_def)
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+  (_, (logits_d, aux_d)), grads_d = grad(params, dense_def, 1.0)
+  needed = float(aux_d.capacity_needed)  # the busiest row of any segment, as a fraction
+  segment = config().segment_len
+  capacity = max(needed, 1 / segment)
+  (_, (logits_s, aux_s)), grads_s = grad(params, sparse_def, capacity)
+  assert not bool(aux_s.overflow)
+  assert capacity == 1.0 if bias > 0 else capacity < 1.0  # all open: nothing to skip
   np.testing.assert_array_equal(aux_s.gate, aux_d.gate)
+  np.testing.assert_array_equal(aux_s.capacity_needed, aux_d.capacity_needed)
   open_rate = float(jnp.mean(aux_s.open_rate))
-  if bias < 0:
+  if bias <= -3:
     assert open_rate == 0.0
   elif bias > 0:
     assert open_rate == 1.0
@@ -69,11 +77,63 @@ def test_sparse_equals_dense_logits_and_gradients(bias, training):
   for (path, gs), gd in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(grads_d)):
     tol = 1e-4 * max(1.0, float(jnp.max(jnp.abs(gd))))
     np.testing.assert_allclose(gs, gd, rtol=1e-4, atol=tol, err_msg=jax.tree_util.keystr(path))
-  if bias < 0:
+  if bias <= -3:
     # Every gate is closed, but not saturated (sigmoid(-3) = 0.05): without exploration the
     # gate gets no gradient at all; explored tokens give it the straight-through signal.
     head_grad = float(jnp.max(jnp.abs(grads_s["blocks"]["gate_head"]["out"]["kernel"][...])))
     assert (head_grad > 0.0) == training, head_grad
+  if needed >= 2 / segment:
+    (_, (logits_o, aux_o)), grads_o = grad(params, sparse_def, needed - 1 / segment)
+    assert bool(aux_o.overflow)
+    # A token left out changes the logits (open) or the gate's gradient (explored).
+    assert not (np.allclose(logits_o, logits_d, rtol=1e-5, atol=1e-5 * scale) and all(
+        np.allclose(go, gd, rtol=1e-4, atol=1e-4)
+        for go, gd in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads_d))))
+
+
+def test_eager_call_redoes_an_overflowing_capacity():
+  """Called eagerly, the model routes at the smallest capacity bucket that holds the tokens:
+  after a call that overflows it recomputes, so the result always equals dense execution."""
+  from tgn_jax.nn import model as model_module
+  cfg = config(gate_bias_init=0.0, capacity_buckets=(0.125, 0.25, 0.5, 0.75, 1.0),
+               capacity_multiple=1)
+  model = TGNLM(cfg, rngs=nnx.Rngs(5))
+  dense_def = nnx.graphdef(TGNLM(cfg.replace(attention_execution="dense"), rngs=nnx.Rngs(0)))
+  dense = lambda t: functional.apply(dense_def, nnx.state(model), t, stats=None)[0]
+  few, many = tokens(21), tokens(22)
+  model.blocks.gate_head.out.bias[...] = jnp.full((2, 1), -2.0)  # few open: a small bucket
+  for _ in range(2):
+    logits, aux = model(few, stats=None)
+    assert not bool(aux.overflow)
+    np.testing.assert_allclose(logits, dense(few), rtol=1e-5, atol=1e-5)
+  ladder = next(v for k, v in model_module._LADDERS.items()
+                if k[1] == few.shape and k[0] == nnx.graphdef(model))
+  small = ladder.current
+  assert small < 1.0
+  model.blocks.gate_head.out.bias[...] = jnp.full((2, 1), 3.0)  # now most gates open
+  _, aux = model(many, stats=None, capacity=small)
+  assert bool(aux.overflow)  # at the small capacity this batch overflows ...
+  logits, aux = model(many, stats=None)  # ... so the eager call redoes it larger
+  assert not bool(aux.overflow) and ladder.current > small
+  np.testing.assert_allclose(logits, dense(many), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_gradient_and_generate_hold_no_conditional():
+  cfg = config(n_layers=3, max_seq_len=64, segment_len=16, capacity_multiple=4,
+               gate_bias_init=0.0)
+  model_def, params = functional.init(cfg, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 48), 0, VOCAB)  # three segments
+
+  def loss(params):
+    logits, aux = functional.apply(model_def, params, toks, rng=jax.random.key(2), stats=None,
+                                   capacity=0.5)
+    return jnp.mean(logits ** 2) + jnp.mean(aux.gate_prob)
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  assert hlo.count(" conditional(") == 0
+  generate = jax.jit(lambda p, t: nnx.merge(model_def, p).generate(t, 10))
+  hlo = generate.lower(params, toks[:, :20]).compile().as_text()
+  assert hlo.count(" conditional(") == 0
 
 
 # ---------------------------------------------------------------------------- causality
@@ -101,19 +161,39 @@ def test_causality(mode):
                                   dict(mixer="tgn", gate="soft", recurrence="mingru"),
                                   dict(mixer="attention"), dict(mixer="recurrent")], ids=mode_id)
 def test_greedy_generate_equals_iterated_forward(mode):
+  """Each decoding step's logits equal the full forward pass's at that position, and the
+  greedy tokens follow; with the hard gate, some steps mix open and closed rows."""
   model = TGNLM(config(gate_bias_init=0.0, **mode), rngs=nnx.Rngs(1))
-  prompt_len, new = 6, 8
-  prompt = tokens(8, batch=4, seq_len=prompt_len)
-  generated = model.generate(prompt, new)
-  assert generated.shape == (4, prompt_len + new) and generated.dtype == jnp.int32
+  prompt_len, new, batch = 6, 10, 4
+  prompt = tokens(8, batch=batch, seq_len=prompt_len)
+  generated, logits = model.generate(prompt, new, return_logits=True)
+  assert generated.shape == (batch, prompt_len + new) and generated.dtype == jnp.int32
+  assert logits.shape == (batch, new, VOCAB) and logits.dtype == jnp.float32
   np.testing.assert_array_equal(generated[:, :prompt_len], prompt)
-  # Iterate full forward passes on a fixed-length buffer (causality makes padding harmless).
-  forward = jax.jit(lambda t: model(t, stats=None)[0])
-  buffer = jnp.zeros((4, prompt_len + new), jnp.int32).at[:, :prompt_len].set(prompt)
-  for i in range(new):
-    logits = forward(buffer)
-    buffer = buffer.at[:, prompt_len + i].set(jnp.argmax(logits[:, prompt_len + i - 1], -1))
-  np.testing.assert_array_equal(generated, buffer)
+  np.testing.assert_array_equal(generated[:, prompt_len:], jnp.argmax(logits, -1))
+  # One forward pass over the generated sequence (causality makes the last token harmless).
+  full, aux = model(generated, stats=None)
+  scale = float(jnp.max(jnp.abs(full)))
+  np.testing.assert_allclose(logits, full[:, prompt_len - 1:-1], rtol=1e-5, atol=1e-5 * scale)
+  if mode.get("gate") == "hard":
+    decoded_open = np.asarray(aux.is_open[:, :, prompt_len:-1])  # [L, B, steps]
+    mixed = decoded_open.any(axis=1) & ~decoded_open.all(axis=1)
+    assert mixed.any(), "no decoding step had open and closed rows together"
+
+
+def test_decoding_advances_one_position_per_step():
+  """Decoding from a one-token prompt to max_seq_len: every step's logits equal the
+  forward pass's at its own position (RoPE and the cache slot depend on it), and the
+  last step writes the cache's last slot."""
+  model = TGNLM(config(mixer="attention"), rngs=nnx.Rngs(3))
+  prompt = tokens(30, batch=2, seq_len=1)
+  generated, logits = model.generate(prompt, 31, return_logits=True)
+  assert generated.shape == (2, 32)
+  full, _ = model(generated, stats=None)
+  np.testing.assert_allclose(logits, full[:, :-1], rtol=1e-5, atol=1e-5)
+  # Shifting the prompt's position by one would change every step's logits.
+  shifted, _ = model(jnp.concatenate([prompt, generated[:, :-1]], axis=1), stats=None)
+  assert not np.allclose(logits, shifted[:, 1:], rtol=1e-3, atol=1e-3)
 
 
 def test_generate_samples_with_temperature_and_checks_input():
@@ -187,8 +267,9 @@ def test_aux_shapes_and_stat_means():
   assert aux.gate_prob.shape == aux.gate.shape == (2, 3, SEQ)
   assert aux.open_rate.shape == aux.compute_rate.shape == (2,)
   assert aux.token_stats.entropy.shape == (2, 3, SEQ, 2)
-  is_open = np.asarray(aux.gate) > 0.5
+  is_open = np.asarray(aux.is_open)
   np.testing.assert_allclose(aux.open_rate, is_open.mean(axis=(1, 2)))
+  np.testing.assert_array_equal(is_open, np.asarray(aux.gate) == 1.0)
   np.testing.assert_array_equal(is_open, np.asarray(aux.gate_prob) > 0.5)
   token = np.asarray(aux.token_stats.specific_heat)
   assert np.all(np.isnan(token[~is_open]))  # not computed: no value pretends otherwise
@@ -230,7 +311,8 @@ def test_count_params_matches_module_sizes():
     (dict(gate="half"), "gate must be one of"),
     (dict(recurrence="lstm"), "recurrence must be one of"),
     (dict(attention_execution="sparse", gate="soft"), "needs gate='hard'"),
-    (dict(exploration=1.0), "exploration must be in"),
+    (dict(exploration=1.5), "exploration must be in"),
+    (dict(exploration_floor=-0.1), "exploration_floor must be in"),
     (dict(temperature=-1.0), "temperature must be a positive number"),
     (dict(temperature="hot"), "temperature must be None"),
     (dict(dtype="float8"), "dtype must be one of"),
@@ -258,15 +340,29 @@ def test_bad_tokens(bad, error, match):
 
 @pytest.mark.gpu
 def test_sparse_equals_dense_bf16_cudnn_on_gpu():
+  """Routed through cuDNN (per-row query lengths beside the position mask) at the capacity
+  the ladder picks, and one that overflows: values and gradients as dense execution."""
   kw = dict(vocab_size=256, d_model=256, n_heads=4, n_layers=2, max_seq_len=1024, d_mlp=512,
-            gate="hard", gate_bias_init=0.0, dtype="bfloat16", attention_impl="cudnn",
-            segment_len=256)
+            gate="hard", gate_bias_init=-0.5, dtype="bfloat16", attention_impl="cudnn",
+            segment_len=512)
   sparse_def, params = functional.init(TGNConfig(attention_execution="sparse", **kw), jax.random.key(0))
   dense_def, _ = functional.init(TGNConfig(attention_execution="dense", **kw), jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (2, 1024), 0, 256)
-  run = jax.jit(functional.apply, static_argnums=0)
-  sparse, aux = run(sparse_def, params, toks)
-  dense, _ = run(dense_def, params, toks)
-  assert 0.05 < float(jnp.mean(aux.open_rate)) < 0.95
+
+  def loss(params, model_def, capacity):
+    logits, aux = functional.apply(model_def, params, toks, capacity=capacity)
+    return jnp.mean(logits.astype(jnp.float32) ** 2), (logits, aux)
+
+  run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+  (_, (dense, aux)), dense_grads = run(params, dense_def, 1.0)
+  assert 0.05 < float(jnp.mean(aux.open_rate)) < 0.5
+  capacity = max(float(aux.capacity_needed), 0.125)
+  (_, (sparse, aux_s)), sparse_grads = run(params, sparse_def, capacity)
+  assert not bool(aux_s.overflow) and capacity < 1.0
   err = float(jnp.linalg.norm(sparse - dense) / jnp.linalg.norm(dense))
   assert err < 2e-2, err
+  for gs, gd in zip(jax.tree.leaves(sparse_grads), jax.tree.leaves(dense_grads)):
+    gs, gd = gs.astype(jnp.float32), gd.astype(jnp.float32)
+    assert float(jnp.linalg.norm(gs - gd)) <= 5e-2 * float(jnp.linalg.norm(gd)) + 1e-6
+  (_, (_, aux_o)), _ = run(params, sparse_def, float(aux.capacity_needed) / 2)
+  assert bool(aux_o.overflow)

@@ -62,16 +62,22 @@ def test_gru_matches_torch_equations_and_step():
   np.testing.assert_allclose(h, out[:, -1], rtol=1e-5, atol=1e-6)
 
 
-def test_modules_step_equals_full_scan():
+def test_modules_one_token_at_a_time_equals_full_scan():
+  """The decoding form (T = 1 from the previous state) and chunks with a carried state
+  give the full scan's states."""
   config = TGNConfig(vocab_size=10, d_model=8, n_heads=2)
   x = randn(11, 2, 15, 8)
   for cls in (MinGRU, GRU):
     module = cls(config, rngs=nnx.Rngs(0))
-    full = module(x)
-    h = jnp.zeros((2, 8))
+    full, last = module(x)
+    np.testing.assert_array_equal(last, full[:, -1])
+    h = None
     for t in range(15):
-      out, h = module.step(x[:, t:t + 1], h)
+      out, h = module(x[:, t:t + 1], h)
       np.testing.assert_allclose(out[:, 0], full[:, t], rtol=1e-5, atol=1e-5, err_msg=cls.__name__)
+    first, h = module(x[:, :6])
+    rest, _ = module(x[:, 6:], h)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_gru_init_follows_torch_bounds():

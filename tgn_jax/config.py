@@ -38,16 +38,24 @@ class TGNConfig:
   temperature: softmax temperature of every head. None = sqrt(head_dim), a
     positive float = fixed, "learned" = one learned temperature per head
     (initialised at sqrt(head_dim)).
-  exploration: fraction of closed-gate tokens whose attention is computed (not
-    mixed) in training, to give closed gates a straight-through gradient.
-  capacity_buckets: fractions of a segment's length; the hard gate gathers the
-    open tokens into the smallest bucket that holds the batch's largest count.
+  exploration: in training, the attention of some closed-gate tokens is computed (not
+    mixed) to give closed gates a straight-through gradient, weighted by 1/fraction
+    (unbiased). This is that extra work as a fraction of the open tokens' attention:
+    each layer explores exploration * open / closed of its closed tokens. 0 disables it.
+  exploration_floor: the fraction explored at least (while exploration > 0), so that a
+    layer with every gate closed can reopen.
+  capacity_buckets: the routing capacities, fractions of a segment's length, each a
+    static shape compiled when first used. The hard gate gathers the computed tokens of
+    each row into one capacity; a CapacityLadder picks it on the host and a call that
+    overflows is redone larger. The last bucket must be 1.0 (every token), which holds
+    any count, so that no open token is ever dropped.
   segment_len: sparse execution gathers per segment of this many tokens, and each
     segment's queries read only the keys up to its end (causal work saved, at a fixed
     cost per segment; one segment was faster up to T=8192 at open rates <= 0.25 on an
     H200, see benchmarks/RESULTS.md).
   capacity_multiple: capacities are rounded up to a multiple of this (a GPU tile);
-    short sequences then use few buckets (and compile few branches).
+    short sequences then have few distinct capacities (few compilations), and a
+    capacity that rounds up to the whole segment computes attention densely.
   """
 
   vocab_size: int
@@ -70,7 +78,8 @@ class TGNConfig:
   segment_len: int = 8192
   capacity_multiple: int = 64
   temperature: Union[None, float, str] = None
-  exploration: float = 0.02
+  exploration: float = 0.05
+  exploration_floor: float = 0.002
   rope: bool = True
   rope_base: float = 10_000.0
   attention_impl: Optional[str] = None
@@ -106,13 +115,16 @@ class TGNConfig:
           f"attention_execution='sparse' needs gate='hard', got gate={self.gate!r}")
     if not 0.0 < self.gate_threshold < 1.0:
       raise ValueError(f"gate_threshold must be in (0, 1), got {self.gate_threshold}")
-    if not 0.0 <= self.exploration < 1.0:
-      raise ValueError(f"exploration must be in [0, 1), got {self.exploration}")
+    if not 0.0 <= self.exploration <= 1.0:
+      raise ValueError(f"exploration must be in [0, 1], got {self.exploration}")
+    if not 0.0 <= self.exploration_floor < 1.0:
+      raise ValueError(f"exploration_floor must be in [0, 1), got {self.exploration_floor}")
     buckets = tuple(self.capacity_buckets)
     if (not buckets or any(not 0.0 < f <= 1.0 for f in buckets)
         or list(buckets) != sorted(buckets) or buckets[-1] != 1.0):
       raise ValueError(
-          "capacity_buckets must be increasing fractions in (0, 1] ending with 1.0, "
+          "capacity_buckets must be increasing fractions in (0, 1] ending with 1.0 (the "
+          "capacity that holds every token, so that no open token is ever dropped), "
           f"got {self.capacity_buckets}")
     object.__setattr__(self, "capacity_buckets", buckets)
     temperature = self.temperature

@@ -21,7 +21,12 @@ def init(config: TGNConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def apply(model_def: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, *,
-          rng: Optional[jax.Array] = None, stats: StatsMode = "mean"
-          ) -> tuple[jax.Array, ModelAux]:
-  """Runs the model: logits float32 [B, T, V] and ModelAux (see TGNLM.__call__)."""
-  return nnx.merge(model_def, params)(tokens_BT, rng=rng, stats=stats)
+          rng: Optional[jax.Array] = None, stats: StatsMode = "mean",
+          capacity: Optional[float] = None) -> tuple[jax.Array, ModelAux]:
+  """Runs the model: logits float32 [B, T, V] and ModelAux (see TGNLM.__call__).
+
+  capacity: the hard gate's routing capacity (static). Under jit/grad/vmap the default
+  is 1.0 (attention computed densely); with a smaller fraction, check aux.overflow and
+  recompute at a larger one when it is set (tgn_jax.ops.CapacityLadder does the choice).
+  """
+  return nnx.merge(model_def, params)(tokens_BT, rng=rng, stats=stats, capacity=capacity)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,13 +49,16 @@ class GibbsAttention(nnx.Module):
     return k, v
 
   def attend(self, x_BCD: jax.Array, positions_BC: jax.Array, k: jax.Array, v: jax.Array, *,
-             return_stats: bool = False, gathered: bool = True
-             ) -> tuple[jax.Array, Optional[ThermoStats]]:
+             mask: Literal["causal", "positions", "lengths"] = "positions",
+             q_lengths: Optional[jax.Array] = None, kv_lengths: Optional[jax.Array] = None,
+             return_stats: bool = False) -> tuple[jax.Array, Optional[ThermoStats]]:
     """Attention output [B, C, D] for queries at positions_BC over keys k, v [B, S, K, H].
 
-    gathered=False declares that the queries are the full sequence 0..S-1 (plain
-    causal masking, the fast path); otherwise key j is visible iff j <= position.
-    Returns (output, ThermoStats [B, C, N] or None).
+    mask: "causal" (the queries are the whole sequence 0..S-1: plain causal masking, the
+      fast path), "positions" (gathered queries: key j is visible iff j <= position) or
+      "lengths" (decoding: row b sees its first kv_lengths[b] keys).
+    q_lengths / kv_lengths: int [B], as in gibbs_attention (padding slots, keys read).
+    Returns (output, zero where a query sees no key; ThermoStats [B, C, N] or None).
     """
     cfg = self.config
     batch, count, _ = x_BCD.shape
@@ -63,8 +66,8 @@ class GibbsAttention(nnx.Module):
     if cfg.rope:
       q = apply_rope(q, positions_BC, cfg.rope_base)
     result = gibbs_attention(
-        q, k, v, temperature=self.temperature(), is_causal=True,
-        q_positions=positions_BC if gathered else None, return_stats=return_stats,
-        implementation=cfg.attention_impl)
+        q, k, v, temperature=self.temperature(), is_causal=mask != "lengths",
+        q_positions=positions_BC if mask == "positions" else None, q_lengths=q_lengths,
+        kv_lengths=kv_lengths, return_stats=return_stats, implementation=cfg.attention_impl)
     out, stats = result if return_stats else (result, None)
     return self.o_proj(out.reshape(batch, count, cfg.n_heads * cfg.head_dim)), stats

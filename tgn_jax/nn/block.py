@@ -3,7 +3,8 @@
   y_t = (1 - g_t) r_t + g_t a_t,   x <- x + y,   x <- x + MLP(norm(x))
 
 The same block gives the baselines: mixer="attention" (y = a, no recurrence or
-gate) and mixer="recurrent" (y = r, no attention or gate).
+gate) and mixer="recurrent" (y = r, no attention or gate). The mix is resolved once,
+from the config, into one of MIXES; one call serves training, prefill and decoding.
 """
 
 from __future__ import annotations
@@ -21,15 +22,31 @@ from tgn_jax.nn.recurrence import make_recurrence
 from tgn_jax.ops import gate as gate_ops
 from tgn_jax.ops.attention import ThermoStats
 
+# attention: y = a.  recurrence: y = r.  soft: y = r + p (a - r), attention everywhere.
+# hard: y = r + g (a - r), g in {0, 1} (straight-through), attention where computed.
+MIXES = ("attention", "recurrence", "soft", "hard")
+
+
+def resolve_mix(config: TGNConfig) -> str:
+  """The block's mix, one of MIXES."""
+  if config.mixer == "attention" or (config.mixer == "tgn" and config.gate == "open"):
+    return "attention"
+  if config.mixer == "recurrent" or config.gate == "closed":
+    return "recurrence"
+  return config.gate
+
 
 class LayerAux(NamedTuple):
   """What one layer reports, each [B, T] (stats [B, T, N], NaN where not computed)."""
 
   gate_prob: jax.Array   # float32 open probability sigmoid(MLP(r))
   gate: jax.Array        # float32 gate value applied in the mix (0/1 for the hard gate)
-  computed: jax.Array    # bool: attention was computed at this token
+  is_open: jax.Array     # bool: the hard decision (soft gate: what hardening would give)
+  computed: jax.Array    # bool: attention was computed at this token (open or explored)
   stats_mask: jax.Array  # bool: the token's attention was mixed into the output
   stats: Optional[ThermoStats]
+  overflow: jax.Array    # bool scalar: routing dropped tokens (the result must be redone)
+  needed: jax.Array      # float32 scalar: the smallest capacity fraction that fits
 
 
 class LayerCache(NamedTuple):
@@ -44,6 +61,7 @@ class Block(nnx.Module):
 
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     self.config = config
+    self.mix = resolve_mix(config)
     self.norm_mix = rms_norm(config, rngs=rngs)
     self.recurrence = make_recurrence(config, rngs=rngs) if config.has_recurrence else None
     self.gate_head = GateHead(config, rngs=rngs) if config.has_gate else None
@@ -52,129 +70,113 @@ class Block(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
-               key: Optional[jax.Array] = None, return_stats: bool = False,
-               cache_len: Optional[int] = None
+               cache: Optional[LayerCache] = None, key: Optional[jax.Array] = None,
+               return_stats: bool = False, capacity: float = 1.0
                ) -> tuple[jax.Array, LayerAux, Optional[LayerCache]]:
-    """One layer over a whole sequence.
+    """One layer over T tokens at positions_BT.
 
-    key: randomness for training (gate sampling, exploration); None = deterministic.
-    cache_len: if given, also return a LayerCache padded to this length (prefill).
+    Training: no cache. Prefill: an empty cache and positions from 0; the layer computes
+    as in training and writes its keys, values and last recurrent state into the cache.
+    Decoding: T = 1 at the cache's next position; the token attends to the cache, each
+    row reading its keys up to the position (a row whose hard gate is closed reads none).
+    key: training randomness (gate sampling, exploration); None = deterministic.
+    capacity: the hard gate's routing capacity, a fraction of each segment; a capacity
+      that rounds up to the whole segment (1.0 always) computes attention densely (exact,
+      cannot overflow).
+    Returns (x [B, T, D], LayerAux, the updated cache or None).
     """
-    cfg = self.config
     h = self.norm_mix(x_BTD)
-    batch, seq_len, _ = h.shape
-    ones = jnp.ones((batch, seq_len), jnp.float32)
-    all_tokens = jnp.ones((batch, seq_len), bool)
-    r = self.recurrence(h) if self.recurrence is not None else None
+    decoding = cache is not None and h.shape[1] == 1
+    r = state = None
+    if self.recurrence is not None:
+      r, state = self.recurrence(h, None if cache is None else cache.state)
     k = v = None
     if self.attention is not None:
       k, v = self.attention.keys_values(h, positions_BT)
-
-    def dense_attention():
-      return self.attention.attend(h, positions_BT, k, v, return_stats=return_stats,
-                                   gathered=False)
-
-    stats = None
-    if cfg.mixer == "attention" or (cfg.mixer == "tgn" and cfg.gate == "open"):
-      y, stats = dense_attention()
-      prob = gate = ones
-      computed = stats_mask = all_tokens
-    elif cfg.mixer == "recurrent" or cfg.gate == "closed":
-      y = r
-      prob = gate = 0.0 * ones
-      computed = stats_mask = ~all_tokens
-    elif cfg.gate == "soft":
-      prob = gate = jax.nn.sigmoid(self.gate_head(r))
-      a, stats = dense_attention()
-      y = r + prob[..., None] * (a - r)
-      computed = stats_mask = all_tokens
-    else:
-      prob = jax.nn.sigmoid(self.gate_head(r))
-      sample_key, explore_key = jax.random.split(key) if key is not None else (None, None)
-      is_open = gate_ops.hard_gate(prob, threshold=cfg.gate_threshold,
-                                   key=sample_key if cfg.gate_sampling else None)
-      explore = gate_ops.exploration_mask(~is_open, cfg.exploration, explore_key)
-      computed = is_open | explore
-      # Explored tokens carry the straight-through gradient scaled by 1/fraction, so its
-      # expectation matches the gradient with attention computed at every closed token.
-      weight = jnp.where(is_open, 1.0, jnp.where(explore, 1.0 / max(cfg.exploration, 1e-9), 0.0))
-      gate = gate_ops.straight_through(prob, is_open, weight)
-      if cfg.execution == "sparse":
-        a, stats = gate_ops.route_causal_segments(
-            lambda h_BCD, pos_BC, valid_BC, end: self.attention.attend(
-                h_BCD, pos_BC, k[:, :end], v[:, :end], return_stats=return_stats),
-            computed, h, cfg.capacity_buckets, cfg.segment_len, cfg.capacity_multiple)
+    if cache is not None:
+      if k is not None:
+        start = positions_BT[0, 0]
+        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), start, 1)
+        cache = LayerCache(k=write(cache.k, k), v=write(cache.v, v), state=state)
+        if decoding:  # prefill attends among its own tokens, a decoding step to the cache
+          k, v = cache.k, cache.v
       else:
-        a, stats = dense_attention()
-      y = r + gate[..., None] * (a - r)
-      stats_mask = is_open
+        cache = LayerCache(k=None, v=None, state=state)
 
-    if stats is not None:
-      stats = jax.tree.map(lambda s: jnp.where(computed[..., None], s, jnp.nan), stats)
+    prob, is_open, computed, explored_fraction = self._gate(r, key, h.shape[:2])
+    stats, report = None, gate_ops.RouteReport(jnp.bool_(False), jnp.float32(0.0))
+    a = None
+    if self.attention is not None:
+      a, stats, report = self._attend(h, positions_BT, k, v, computed, decoding=decoding,
+                                      return_stats=return_stats, capacity=capacity)
+      if stats is not None:
+        stats = jax.tree.map(lambda s: jnp.where(computed[..., None], s, jnp.nan), stats)
+    y, gate = self._mix(r, a, prob, is_open, computed, explored_fraction)
     x = x_BTD + y.astype(x_BTD.dtype)
     x = x + self.mlp(self.norm_mlp(x))
-    aux = LayerAux(gate_prob=prob, gate=jax.lax.stop_gradient(gate) if cfg.gate == "hard"
-                   else gate, computed=computed, stats_mask=stats_mask, stats=stats)
-    cache = None
-    if cache_len is not None:
-      pad = ((0, 0), (0, cache_len - seq_len), (0, 0), (0, 0))
-      cache = LayerCache(
-          k=jnp.pad(k, pad) if k is not None else None,
-          v=jnp.pad(v, pad) if v is not None else None,
-          state=r[:, -1] if r is not None else None)
+    aux = LayerAux(gate_prob=prob, gate=gate, is_open=is_open, computed=computed,
+                   stats_mask=is_open if self.mix == "hard" else computed, stats=stats,
+                   overflow=report.overflow, needed=report.needed)
     return x, aux, cache
 
-  def step(self, x_B1D: jax.Array, position: jax.Array, cache: LayerCache
-           ) -> tuple[jax.Array, LayerCache]:
-    """One decoding step at the scalar int `position`, updating the cache in place.
-
-    With the hard gate, only rows whose gate is open attend, gathered by `route`
-    over the batch; a step where every gate is closed skips attention entirely.
-    """
+  def _gate(self, r_BTD, key, shape):
+    """(open probability float32 [B, T], open bool [B, T], attention computed bool [B, T],
+    the fraction of closed tokens explored, float32 scalar)."""
+    none = jnp.float32(0.0)
+    if self.mix in ("attention", "recurrence"):
+      forced = jnp.full(shape, self.mix == "attention")
+      return forced.astype(jnp.float32), forced, forced, none
     cfg = self.config
-    h = self.norm_mix(x_B1D)
-    batch = h.shape[0]
-    positions_B1 = jnp.full((batch, 1), position, jnp.int32)
-    r = state = None
-    if self.recurrence is not None:
-      r, state = self.recurrence.step(h, cache.state)
-    k_cache = v_cache = None
-    if self.attention is not None:
-      k_new, v_new = self.attention.keys_values(h, positions_B1)
-      k_cache = jax.lax.dynamic_update_slice_in_dim(cache.k, k_new, position, axis=1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(cache.v, v_new, position, axis=1)
+    prob = jax.nn.sigmoid(self.gate_head(r_BTD))
+    if self.mix == "soft":
+      return prob, prob > cfg.gate_threshold, jnp.ones(shape, bool), none
+    sample_key, explore_key = jax.random.split(key) if key is not None else (None, None)
+    is_open = gate_ops.hard_gate(prob, threshold=cfg.gate_threshold,
+                                 key=sample_key if cfg.gate_sampling else None)
+    if explore_key is None or cfg.exploration == 0.0:
+      return prob, is_open, is_open, none
+    fraction = gate_ops.exploration_fraction(is_open, cfg.exploration, cfg.exploration_floor)
+    explore = gate_ops.exploration_mask(~is_open, fraction, explore_key)
+    return prob, is_open, is_open | explore, fraction
 
-    def dense_attention():
-      return self.attention.attend(h, positions_B1, k_cache, v_cache)[0]
+  def _attend(self, h_BTD, positions_BT, k, v, computed_BT, *, decoding: bool,
+              return_stats: bool, capacity: float):
+    """Attention output [B, T, D] (zero where a routed token was not computed), its
+    observables or None, and the RouteReport."""
+    cfg = self.config
+    no_report = gate_ops.RouteReport(jnp.bool_(False), jnp.float32(0.0))
+    if decoding:
+      reads = jnp.where(computed_BT[:, 0], positions_BT[:, 0] + 1, 0)
+      a, _ = self.attention.attend(h_BTD, positions_BT, k, v, mask="lengths",
+                                   kv_lengths=reads.astype(jnp.int32))
+      return a, None, no_report
+    if self.mix != "hard":
+      a, stats = self.attention.attend(h_BTD, positions_BT, k, v, mask="causal",
+                                       return_stats=return_stats)
+      return a, stats, no_report
+    if cfg.execution == "dense" or gate_ops.computes_densely(
+        h_BTD.shape[1], capacity, cfg.segment_len, cfg.capacity_multiple):
+      a, stats = self.attention.attend(h_BTD, positions_BT, k, v, mask="causal",
+                                       return_stats=return_stats)
+      return a, stats, gate_ops.count_report(computed_BT, 1.0, cfg.segment_len,
+                                             cfg.capacity_multiple)
+    (a, stats), report = gate_ops.route_causal_segments(
+        lambda h_BCD, pos_BC, lengths_B, end: self.attention.attend(
+            h_BCD, pos_BC, k[:, :end], v[:, :end], mask="positions", q_lengths=lengths_B,
+            return_stats=return_stats),
+        computed_BT, h_BTD, capacity, cfg.segment_len, cfg.capacity_multiple)
+    return a, stats, report
 
-    if cfg.mixer == "attention" or (cfg.mixer == "tgn" and cfg.gate == "open"):
-      y = dense_attention()
-    elif cfg.mixer == "recurrent" or cfg.gate == "closed":
-      y = r
-    elif cfg.gate == "soft":
-      prob = jax.nn.sigmoid(self.gate_head(r))
-      y = r + prob[..., None] * (dense_attention() - r)
-    else:
-      is_open = jax.nn.sigmoid(self.gate_head(r)[:, 0]) > cfg.gate_threshold  # [B]
-
-      def attend_rows(h_1CD, rows_1C, valid_1C):
-        rows = rows_1C[0]
-        h_C1D = jnp.swapaxes(h_1CD, 0, 1)
-        out, _ = self.attention.attend(h_C1D, positions_B1[rows], k_cache[rows], v_cache[rows])
-        return jnp.swapaxes(out, 0, 1)
-
-      row_capacities = gate_ops.capacity_buckets(batch, _powers_of_two(batch), multiple=1)
-      a = jnp.swapaxes(gate_ops.route(attend_rows, is_open[None], jnp.swapaxes(h, 0, 1),
-                                      row_capacities), 0, 1)
-      y = r + is_open.astype(jnp.float32)[:, None, None] * (a - r)
-    x = x_B1D + y.astype(x_B1D.dtype)
-    x = x + self.mlp(self.norm_mlp(x))
-    return x, LayerCache(k=k_cache, v=v_cache, state=state)
-
-
-def _powers_of_two(n: int) -> tuple[float, ...]:
-  fractions, c = [], 1
-  while c < n:
-    fractions.append(c / n)
-    c *= 2
-  return tuple(fractions) + (1.0,)
+  def _mix(self, r, a, prob, is_open, computed, explored_fraction):
+    """(y [B, T, D], the gate value applied, float32 [B, T])."""
+    if self.mix == "attention":
+      return a, prob
+    if self.mix == "recurrence":
+      return r, prob
+    if self.mix == "soft":
+      return r + prob[..., None] * (a - r), prob
+    # Explored tokens carry the straight-through gradient scaled by 1/fraction, so its
+    # expectation matches the gradient with attention computed at every closed token.
+    weight = jnp.where(is_open, 1.0, jnp.where(computed, 1.0 / explored_fraction, 0.0))
+    gate = gate_ops.straight_through(prob, is_open, weight)
+    return r + gate[..., None] * (a - r), jax.lax.stop_gradient(gate)

@@ -12,9 +12,10 @@ import numpy as np
 from flax import nnx
 
 from tgn_jax.config import TGNConfig
-from tgn_jax.nn.block import Block, LayerAux
+from tgn_jax.nn.block import Block, LayerAux, LayerCache
 from tgn_jax.nn.layers import rms_norm
 from tgn_jax.ops.attention import ThermoStats
+from tgn_jax.ops.gate import CapacityLadder, distinct_fractions
 
 StatsMode = Literal[None, "mean", "token"]
 
@@ -22,19 +23,27 @@ StatsMode = Literal[None, "mean", "token"]
 class ModelAux(NamedTuple):
   """Per-layer gate and attention observables of one forward pass.
 
-  gate_prob, gate: float32 [L, B, T]; open_rate, compute_rate: float32 [L] (fraction
+  gate_prob, gate: float32 [L, B, T]; is_open: bool [L, B, T], the hard gate's decision
+  (soft gate: what hardening would decide); open_rate, compute_rate: float32 [L] (fraction
   of tokens whose gate is open / whose attention was computed, exploration included);
   stats: ThermoStats of float32 [L] means over heads and the tokens whose attention
   was mixed in (NaN for a layer with none), or None; token_stats: ThermoStats
   [L, B, T, N] (NaN where attention was not computed) when requested.
+  overflow: bool scalar, True if routing at the requested capacity had to leave out
+  tokens; the outputs are then not the model's and must be recomputed at a larger
+  capacity (see TGNLM.__call__). capacity_needed: float32 scalar, the smallest capacity
+  fraction that would have held every routed row (0 without a hard gate).
   """
 
   gate_prob: jax.Array
   gate: jax.Array
+  is_open: jax.Array
   open_rate: jax.Array
   compute_rate: jax.Array
   stats: Optional[ThermoStats]
   token_stats: Optional[ThermoStats]
+  overflow: jax.Array
+  capacity_needed: jax.Array
 
 
 class TGNLM(nnx.Module):
@@ -56,63 +65,127 @@ class TGNLM(nnx.Module):
     self.final_norm = rms_norm(config, rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, *, rng: Optional[jax.Array] = None,
-               stats: StatsMode = "mean") -> tuple[jax.Array, ModelAux]:
+               stats: StatsMode = "mean", capacity: Optional[float] = None
+               ) -> tuple[jax.Array, ModelAux]:
     """Logits float32 [B, T, V] and ModelAux.
 
     rng: training randomness (Bernoulli gate sampling, exploration of closed gates);
       None runs deterministically (threshold gate, no exploration).
     stats: "mean" (per-layer means of the attention observables), "token" (also
       the per-token values) or None (skip their extra pass).
+    capacity: the hard gate's routing capacity, a fraction of each segment (static).
+      None: called eagerly, the smallest of config.capacity_buckets that holds the
+      tokens, found by a CapacityLadder kept per input shape (a call that overflows is
+      redone, so no token is ever left out); under a transformation (jit, grad, vmap),
+      1.0. An explicit fraction below 1 is the caller's promise to check aux.overflow.
     """
     _check_tokens(tokens_BT, self.config)
     if stats not in (None, "mean", "token"):
       raise ValueError(f"stats must be None, 'mean' or 'token', got {stats!r}")
     graph_def, state = nnx.split(self)
-    return _apply(graph_def, state, tokens_BT, rng, stats)
+    run = lambda c: _apply(graph_def, state, tokens_BT, rng, stats, c)
+    return _run_exact(run, capacity, self.config, (graph_def, tokens_BT.shape, rng is None),
+                      traced=_is_traced((tokens_BT, state, rng)))
 
-  def _forward(self, tokens_BT, *, rng, stats: StatsMode, cache_len: Optional[int] = None,
-               last_logits_only: bool = False):
+  def _forward(self, tokens_BT, *, rng, stats: StatsMode, capacity: float,
+               cache: Optional[LayerCache] = None, last_logits_only: bool = False):
+    """Logits, ModelAux and the stacked caches ([L, ...]; None without `cache`)."""
     cfg = self.config
     batch, seq_len = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
     block_def, block_state = nnx.split(self.blocks)
+    block_state = _cast_matrices(block_state, cfg.compute_dtype)
     layer_keys = jax.random.split(rng, cfg.n_layers) if rng is not None else None
 
     def layer(x, inputs):
-      state, key = inputs
-      x, aux, cache = nnx.merge(block_def, state)(
-          x, positions_BT, key=key, return_stats=stats is not None,
-          cache_len=cache_len)
-      return x, (aux, cache)
+      state, key, layer_cache = inputs
+      x, aux, layer_cache = nnx.merge(block_def, state)(
+          x, positions_BT, cache=layer_cache, key=key, return_stats=stats is not None,
+          capacity=capacity)
+      return x, (aux, layer_cache)
 
     if cfg.remat:
       layer = jax.checkpoint(layer, prevent_cse=False)
     x = self.embed(tokens_BT)
-    x, (layer_aux, caches) = jax.lax.scan(layer, x, (block_state, layer_keys))
+    x, (layer_aux, caches) = jax.lax.scan(layer, x, (block_state, layer_keys, cache))
     if last_logits_only:  # prefill: [B, 1, V], not the full [B, T, V]
       x = x[:, -1:]
-    return self._logits(x), _summarize(layer_aux, stats, cfg), caches
+    return self._logits(x), _summarize(layer_aux, stats), caches
 
   def _logits(self, x_BTD: jax.Array) -> jax.Array:
     x = self.final_norm(x_BTD)
     table = self.embed.embedding[...].astype(x.dtype)
     return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
 
+  def init_cache(self, batch: int, length: int) -> LayerCache:
+    """An empty decoding cache for `length` positions, stacked over layers: keys and
+    values [L, B, S, K, H] in the compute dtype, recurrent state float32 [L, B, D]."""
+    cfg = self.config
+    kv = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    return LayerCache(
+        k=jnp.zeros(kv, cfg.compute_dtype) if cfg.has_attention else None,
+        v=jnp.zeros(kv, cfg.compute_dtype) if cfg.has_attention else None,
+        state=(jnp.zeros((cfg.n_layers, batch, cfg.d_model), jnp.float32)
+               if cfg.has_recurrence else None))
+
   def generate(self, prompt_BP: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
-               rng: Optional[jax.Array] = None) -> jax.Array:
-    """Autoregressive generation with a KV cache and recurrent state.
+               rng: Optional[jax.Array] = None, return_logits: bool = False):
+    """Autoregressive generation with a KV cache and recurrent state: `prefill`, then
+    `decode`.
 
     Greedy at temperature 0 (equal to repeated full forward passes); otherwise samples
-    from softmax(logits / temperature) with `rng`. Returns int32 [B, P + max_new_tokens].
+    from softmax(logits / temperature) with `rng`. Returns int32 [B, P + max_new_tokens],
+    and with return_logits also the float32 logits [B, max_new_tokens, V] each new token
+    was chosen from.
+    """
+    _check_tokens(prompt_BP, self.config, name="prompt")
+    _check_positive_int("max_new_tokens", max_new_tokens)
+    prompt_len = prompt_BP.shape[1]
+    if prompt_len + max_new_tokens > self.config.max_seq_len:
+      raise ValueError(f"prompt length + max_new_tokens = {prompt_len + max_new_tokens} exceeds "
+                       f"max_seq_len ({self.config.max_seq_len})")
+    logits_BV, cache = self.prefill(prompt_BP, prompt_len + max_new_tokens)
+    decoded = self.decode(cache, logits_BV, prompt_len, max_new_tokens,
+                          temperature=temperature, rng=rng)
+    tokens = jnp.concatenate([jnp.asarray(prompt_BP, jnp.int32), decoded.tokens], axis=1)
+    return (tokens, decoded.logits) if return_logits else tokens
+
+  def prefill(self, prompt_BP: jax.Array, cache_len: int) -> tuple[jax.Array, LayerCache]:
+    """Runs the prompt through the training forward (routed by the capacity ladder, as
+    in __call__) and keeps its keys, values and recurrent states.
+
+    Returns the logits at the last prompt position, float32 [B, V], and the cache of
+    cache_len positions (stacked over layers, see init_cache).
     """
     cfg = self.config
     _check_tokens(prompt_BP, cfg, name="prompt")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    total = prompt_BP.shape[1] + max_new_tokens
-    if total > cfg.max_seq_len:
-      raise ValueError(f"prompt length + max_new_tokens = {total} exceeds max_seq_len "
-                       f"({cfg.max_seq_len})")
+    _check_positive_int("cache_len", cache_len)
+    if not prompt_BP.shape[1] <= cache_len <= cfg.max_seq_len:
+      raise ValueError(f"cache_len must lie in [prompt length {prompt_BP.shape[1]}, max_seq_len "
+                       f"{cfg.max_seq_len}], got {cache_len}")
+    graph_def, state = nnx.split(self)
+    prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+    run = lambda c: _prefill(graph_def, state, prompt_BP, cache_len, c)
+    logits_BV, _, cache = _run_exact(run, None, cfg, (graph_def, prompt_BP.shape, "prefill"),
+                                     traced=_is_traced((prompt_BP, state)))
+    return logits_BV, cache
+
+  def decode(self, cache: LayerCache, logits_BV: jax.Array, position: int, steps: int, *,
+             temperature: float = 0.0, rng: Optional[jax.Array] = None) -> "Decoded":
+    """`steps` new tokens after a prefill that ended before `position`.
+
+    Token i is chosen from the logits the previous step gave (the first from logits_BV)
+    and fed at position + i, one decoding step each through the same blocks as training:
+    each row reads its keys up to the position, and a row whose hard gate is closed reads
+    none. The loop holds no conditional. Returns Decoded.
+    """
+    cfg = self.config
+    _check_positive_int("steps", steps)
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+      raise ValueError(f"position must be a non-negative integer, got {position!r}")
+    if cache.k is not None and position + steps - 1 > cache.k.shape[2]:
+      raise ValueError(f"position + steps - 1 = {position + steps - 1} exceeds the cache's "
+                       f"{cache.k.shape[2]} positions")
     if not temperature >= 0:
       raise ValueError(f"temperature must be >= 0, got {temperature}")
     sample = temperature > 0
@@ -120,29 +193,84 @@ class TGNLM(nnx.Module):
       raise ValueError("sampling (temperature > 0) needs an rng key")
     key = rng if rng is not None else jax.random.key(0)
     graph_def, state = nnx.split(self)
-    return _generate(graph_def, state, jnp.asarray(prompt_BP, jnp.int32), key,
-                     jnp.float32(max(temperature, 1e-6)), max_new_tokens, sample)
+    return _decode(graph_def, state, cache, logits_BV, jnp.int32(position), key,
+                   jnp.float32(max(temperature, 1e-6)), steps, sample)
+
+
+class Decoded(NamedTuple):
+  """What TGNLM.decode returns: tokens int32 [B, N]; logits float32 [B, N, V], those each
+  token was chosen from; is_open bool [L, B, N - 1], the gate at each decoding step (the
+  last token is chosen but not fed)."""
+
+  tokens: jax.Array
+  logits: jax.Array
+  is_open: jax.Array
+
+
+def capacity_ladder(config: TGNConfig, seq_len: int, **options) -> CapacityLadder:
+  """A CapacityLadder over the config's capacity_buckets that differ at this length
+  (options: headroom, window, recent)."""
+  return CapacityLadder(distinct_fractions(config.capacity_buckets, seq_len, config.segment_len,
+                                           config.capacity_multiple), **options)
+
+
+def _is_traced(tree) -> bool:
+  """True inside a transformation (jit, grad, vmap, ...) of any of the tree's arrays."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+# Capacity ladders of eager calls, per (model structure, input shape, mode).
+_LADDERS: dict = {}
+
+
+def _run_exact(run, capacity: Optional[float], cfg: TGNConfig, ladder_key, *, traced: bool):
+  """run(capacity) -> (..., aux, ...) with aux the second output; returns run's outputs
+  at a capacity that left no token out (see TGNLM.__call__)."""
+  if capacity is not None:
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not (
+        0.0 < capacity <= 1.0):
+      raise ValueError(f"capacity must be a fraction in (0, 1], got {capacity!r}")
+    return run(float(capacity))
+  if traced or not (cfg.has_gate and cfg.gate == "hard" and cfg.execution == "sparse"):
+    return run(1.0)
+  ladder = _LADDERS.get(ladder_key)
+  if ladder is None:
+    ladder = _LADDERS[ladder_key] = capacity_ladder(cfg, ladder_key[1][1])
+  while True:
+    outputs = run(ladder.current)
+    aux = outputs[1]
+    if not ladder.observe(*jax.device_get((aux.overflow, aux.capacity_needed))):
+      return outputs
 
 
 # Jitted entry points: eager calls then hit the compilation cache (keyed on the static
 # model structure); inside a user's jit they are simply inlined.
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _apply(graph_def, state, tokens_BT, rng, stats):
-  logits, aux, _ = nnx.merge(graph_def, state)._forward(tokens_BT, rng=rng, stats=stats)
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _apply(graph_def, state, tokens_BT, rng, stats, capacity):
+  logits, aux, _ = nnx.merge(graph_def, state)._forward(tokens_BT, rng=rng, stats=stats,
+                                                         capacity=capacity)
   return logits, aux
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _generate(graph_def, state, prompt_BP, key, temperature, max_new_tokens: int, sample: bool):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _prefill(graph_def, state, prompt_BP, cache_len: int, capacity: float):
+  """(last logits float32 [B, V], ModelAux, stacked caches of cache_len positions)."""
+  model: TGNLM = nnx.merge(graph_def, state)
+  cache = model.init_cache(prompt_BP.shape[0], cache_len)
+  logits, aux, caches = model._forward(prompt_BP, rng=None, stats=None, capacity=capacity,
+                                       cache=cache, last_logits_only=True)
+  return logits[:, -1], aux, caches
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def _decode(graph_def, state, stacked_caches, logits_BV, position, key, temperature,
+            steps: int, sample: bool) -> Decoded:
   model: TGNLM = nnx.merge(graph_def, state)
   cfg = model.config
-  prompt_len = prompt_BP.shape[1]
-  logits, _, stacked = model._forward(prompt_BP, rng=None, stats=None,
-                                      cache_len=prompt_len + max_new_tokens,
-                                      last_logits_only=True)
   # Unstack once, outside the decode loop, so each step updates its caches in place.
-  caches = tuple(jax.tree.map(lambda c: c[i], stacked) for i in range(cfg.n_layers))
+  caches = tuple(jax.tree.map(lambda c: c[i], stacked_caches) for i in range(cfg.n_layers))
   block_def, block_state = nnx.split(model.blocks)
+  block_state = _cast_matrices(block_state, cfg.compute_dtype)
   blocks = [nnx.merge(block_def, jax.tree.map(lambda p: p[i], block_state))
             for i in range(cfg.n_layers)]
 
@@ -151,22 +279,37 @@ def _generate(graph_def, state, prompt_BP, key, temperature, max_new_tokens: int
       return jax.random.categorical(key, logits_BV / temperature).astype(jnp.int32)
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
-  key, first_key = jax.random.split(key)
-  first = pick(logits[:, -1], first_key)
-
   def decode(carry, step):
-    token_B, caches, key = carry
-    x = model.embed(token_B[:, None])
-    new_caches = []
-    for block, cache in zip(blocks, caches):
-      x, cache = block.step(x, prompt_len + step, cache)
-      new_caches.append(cache)
+    logits_BV, caches, key = carry
     key, sub = jax.random.split(key)
-    return (pick(model._logits(x)[:, 0], sub), tuple(new_caches), key), token_B
+    token_B = pick(logits_BV, sub)
+    x = model.embed(token_B[:, None])
+    positions_B1 = jnp.full((token_B.shape[0], 1), position + step, jnp.int32)
+    new_caches, is_open = [], []
+    for block, cache in zip(blocks, caches):
+      x, aux, cache = block(x, positions_B1, cache=cache)
+      new_caches.append(cache)
+      is_open.append(aux.is_open[:, 0])
+    return (model._logits(x)[:, 0], tuple(new_caches), key), (token_B, logits_BV,
+                                                              jnp.stack(is_open))
 
-  (last, _, _), tokens_NB = jax.lax.scan(
-      decode, (first, caches, key), jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
-  return jnp.concatenate([prompt_BP, tokens_NB.T, last[:, None]], axis=1)
+  # The last step's logits choose the last token; its own decoding step is not needed.
+  (last_logits, _, key), (tokens_NB, logits_NBV, open_NLB) = jax.lax.scan(
+      decode, (logits_BV, caches, key), jnp.arange(steps - 1, dtype=jnp.int32))
+  last = pick(last_logits, jax.random.split(key)[1])  # the key decode() would have used
+  return Decoded(
+      tokens=jnp.concatenate([tokens_NB.T, last[:, None]], axis=1),
+      logits=jnp.concatenate([jnp.moveaxis(logits_NBV, 0, 1), last_logits[:, None]], axis=1),
+      is_open=jnp.transpose(open_NLB, (1, 2, 0)))
+
+
+def _cast_matrices(block_state, dtype):
+  """The stacked block weights ([L, in, out] and larger) in the compute dtype, cast once
+  per call instead of once per use in every layer; vectors (norms, biases, temperatures)
+  stay as stored."""
+  return jax.tree.map(
+      lambda p: p.astype(dtype) if p.ndim >= 3 and jnp.issubdtype(p.dtype, jnp.floating) else p,
+      block_state)
 
 
 def _stacked_blocks(config: TGNConfig, key: jax.Array) -> Block:
@@ -178,8 +321,8 @@ def _stacked_blocks(config: TGNConfig, key: jax.Array) -> Block:
   return nnx.merge(block_def, state)
 
 
-def _summarize(layer_aux: LayerAux, stats: StatsMode, cfg: TGNConfig) -> ModelAux:
-  open_rate = jnp.mean(layer_aux.gate > cfg.gate_threshold, axis=(1, 2), dtype=jnp.float32)
+def _summarize(layer_aux: LayerAux, stats: StatsMode) -> ModelAux:
+  open_rate = jnp.mean(layer_aux.is_open, axis=(1, 2), dtype=jnp.float32)
   compute_rate = jnp.mean(layer_aux.computed, axis=(1, 2), dtype=jnp.float32)
   mean_stats = token_stats = None
   if stats is not None and layer_aux.stats is not None:
@@ -189,8 +332,15 @@ def _summarize(layer_aux: LayerAux, stats: StatsMode, cfg: TGNConfig) -> ModelAu
         lambda s: jnp.sum(jnp.where(mask, s, 0.0), axis=(1, 2, 3)) / count, layer_aux.stats)
     if stats == "token":
       token_stats = layer_aux.stats
-  return ModelAux(gate_prob=layer_aux.gate_prob, gate=layer_aux.gate, open_rate=open_rate,
-                  compute_rate=compute_rate, stats=mean_stats, token_stats=token_stats)
+  return ModelAux(gate_prob=layer_aux.gate_prob, gate=layer_aux.gate, is_open=layer_aux.is_open,
+                  open_rate=open_rate, compute_rate=compute_rate, stats=mean_stats,
+                  token_stats=token_stats, overflow=jnp.any(layer_aux.overflow),
+                  capacity_needed=jnp.max(layer_aux.needed))
+
+
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_tokens(tokens, cfg: TGNConfig, name: str = "tokens") -> None:

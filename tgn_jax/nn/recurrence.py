@@ -1,9 +1,11 @@
-"""Recurrent modules of the inertia channel. Each maps [B, T, D] -> float32 [B, T, D]
-and has a one-step form with explicit float32 state [B, D] for decoding."""
+"""Recurrent modules of the inertia channel. Each maps x [B, T, D] and an optional float32
+state h0 [B, D] (zeros if None) to (float32 states [B, T, D], the last state [B, D]), so one
+call serves training, prefill (T tokens) and decoding (T = 1, the cache's state)."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +22,11 @@ class MinGRU(nnx.Module):
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     self.in_proj = linear(config, config.d_model, 2 * config.d_model, rngs=rngs, use_bias=True)
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, h0_BD: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, jax.Array]:
     gate, candidate = jnp.split(self.in_proj(x_BTD), 2, axis=-1)
-    return rec.min_gru(gate, candidate)
-
-  def step(self, x_B1D: jax.Array, h_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    gate, candidate = jnp.split(self.in_proj(x_B1D[:, 0]), 2, axis=-1)
-    h = rec.min_gru_step(gate, candidate, h_BD)
-    return h[:, None], h
+    h = rec.min_gru(gate, candidate, h0_BD)
+    return h, h[:, -1]
 
 
 class GRU(nnx.Module):
@@ -42,12 +41,10 @@ class GRU(nnx.Module):
     self.w_hh = nnx.Param(shifted(rngs.params(), (d, 3 * d), config.weight_dtype))
     self.b_hh = nnx.Param(shifted(rngs.params(), (3 * d,), config.weight_dtype))
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return rec.gru(self.in_proj(x_BTD), self.w_hh[...], self.b_hh[...])
-
-  def step(self, x_B1D: jax.Array, h_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    h = rec.gru_step(self.in_proj(x_B1D[:, 0]), self.w_hh[...], self.b_hh[...], h_BD)
-    return h[:, None], h
+  def __call__(self, x_BTD: jax.Array, h0_BD: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, jax.Array]:
+    h = rec.gru(self.in_proj(x_BTD), self.w_hh[...], self.b_hh[...], h0_BD)
+    return h, h[:, -1]
 
 
 def make_recurrence(config: TGNConfig, *, rngs: nnx.Rngs):

@@ -52,6 +52,8 @@ def gibbs_attention(
     temperature: Union[None, float, Array] = None,
     is_causal: bool = True,
     q_positions: Optional[Array] = None,
+    q_lengths: Optional[Array] = None,
+    kv_lengths: Optional[Array] = None,
     return_stats: bool = False,
     implementation: Optional[str] = None,
 ):
@@ -64,17 +66,26 @@ def gibbs_attention(
       (gradients flow to it).
     is_causal: key j is visible to query i iff j <= q_positions[b, i].
     q_positions: int [B, Tq] absolute query positions (gathered queries, decoding).
-      Default: the last Tq positions, arange(Tq) + Tk - Tq.
-    return_stats: also return ThermoStats (float32 [B, Tq, N]).
+      Default: the last Tq positions, arange(Tq) + Tk - Tq (bottom-right aligned, unlike
+      the top-left `is_causal` of jax.nn.dot_product_attention when Tq < Tk).
+    q_lengths: int [B], query slots held per row; slots i >= q_lengths[b] are padding:
+      their outputs are zero (and cuDNN skips them). Default: every slot.
+    kv_lengths: int [B], keys per row; keys j >= kv_lengths[b] are invisible (and cuDNN
+      does not read them). Default: every key.
+    return_stats: also return ThermoStats (float32 [B, Tq, N]; NaN at padding slots and
+      at queries that see no key).
     implementation: "xla", "cudnn" or None (cuDNN on GPU for 16-bit inputs, else XLA).
 
   Returns:
-    out [B, Tq, N, H] in q's dtype, or (out, ThermoStats) if return_stats.
+    out [B, Tq, N, H] in q's dtype, or (out, ThermoStats) if return_stats. A query that
+    sees no key (padding, or kv_lengths 0) has output zero.
   """
   batch, q_len, n_heads, head_dim = _check_qkv(q, k, v)
   k_len = k.shape[1]
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
   q_positions = _check_positions(q_positions, batch, q_len, k_len)
+  q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
+  kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
   impl = _resolve_implementation(implementation, q.dtype, head_dim)
 
   q_scaled = (q.astype(jnp.float32) / temperature_N[:, None]).astype(q.dtype)
@@ -84,12 +95,30 @@ def gibbs_attention(
     positions = q_positions if q_positions is not None else default_positions(batch, q_len, k_len)
     mask = (jnp.arange(k_len)[None, None, :] <= positions[:, :, None])[:, None]
   out = jax.nn.dot_product_attention(
-      q_scaled, k, v, mask=mask, scale=1.0, is_causal=plain_causal, implementation=impl)
+      q_scaled, k, v, mask=mask, scale=1.0, is_causal=plain_causal,
+      query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, implementation=impl)
+  answered = _answered_queries(batch, q_len, q_lengths, kv_lengths)
+  if answered is not None:
+    out = jnp.where(answered[:, :, None, None], out, jnp.zeros((), out.dtype))
   if not return_stats:
     return out
   stats = attention_stats(
-      q, k, temperature=temperature_N, is_causal=is_causal, q_positions=q_positions)
+      q, k, temperature=temperature_N, is_causal=is_causal, q_positions=q_positions,
+      q_lengths=q_lengths, kv_lengths=kv_lengths)
   return out, stats
+
+
+def _answered_queries(batch: int, q_len: int, q_lengths, kv_lengths) -> Optional[Array]:
+  """bool [B, Tq]: the query slot is within its row's length and its row has a key
+  (causal queries always see key 0, at the smallest position), or None if all are."""
+  if q_lengths is None and kv_lengths is None:
+    return None
+  answered = jnp.ones((batch, q_len), bool)
+  if q_lengths is not None:
+    answered &= jnp.arange(q_len)[None, :] < q_lengths[:, None]
+  if kv_lengths is not None:
+    answered &= (kv_lengths > 0)[:, None]
+  return answered
 
 
 def attention_stats(
@@ -99,6 +128,8 @@ def attention_stats(
     temperature: Union[None, float, Array] = None,
     is_causal: bool = True,
     q_positions: Optional[Array] = None,
+    q_lengths: Optional[Array] = None,
+    kv_lengths: Optional[Array] = None,
     key_chunk: int = 1024,
     query_chunk: int = 1024,
 ) -> ThermoStats:
@@ -106,13 +137,17 @@ def attention_stats(
 
   Streams over key blocks (online max, partition sum, mean and variance merged with
   Chan's parallel formula), so memory is O(query_chunk * key_chunk) per head and the
-  variance is computed without cancellation. Masked keys are excluded exactly.
+  variance is computed without cancellation. Masked keys are excluded exactly. The
+  arguments mean what they mean in gibbs_attention; unanswered queries are NaN.
   """
   batch, q_len, n_heads, head_dim = _check_qkv(q, k, k)
   k_len, kv_heads = k.shape[1], k.shape[2]
   group = n_heads // kv_heads
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
   q_positions = _check_positions(q_positions, batch, q_len, k_len)
+  q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
+  kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
+  key_limit_B = kv_lengths if kv_lengths is not None else jnp.full((batch,), k_len, jnp.int32)
   if q_positions is None:
     q_positions = default_positions(batch, q_len, k_len)
 
@@ -141,12 +176,10 @@ def attention_stats(
       s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh.astype(jnp.float32),
                      preferred_element_type=jnp.float32)
       key_pos = start + jnp.arange(k_block)
-      visible = key_pos[None, :] < k_len
+      visible = (key_pos[None, :] < key_limit_B[:, None])[:, None, :]  # [B, 1, s]
       if is_causal:
         visible = visible & (key_pos[None, None, :] <= pos_bq[:, :, None])  # [B, q, s]
-        visible = visible[:, None, None]
-      else:
-        visible = jnp.broadcast_to(visible[None, None, None], s.shape)
+      visible = jnp.broadcast_to(visible[:, None, None], s.shape)
       return _merge_moments(carry, _block_moments(s, visible)), None
 
     shape = (batch, kv_heads, group, q_block)
@@ -164,13 +197,17 @@ def attention_stats(
   m, l, mean, m2 = map(to_BQN, (m, l, mean, m2))
   log_z = m + jnp.log(l)
   t = temperature_N[None, None, :]
-  return ThermoStats(
+  stats = ThermoStats(
       log_partition=log_z,
       free_energy=-t * log_z,
       internal_energy=-t * mean,
       entropy=log_z - mean,
       specific_heat=m2 / l,
   )
+  answered = _answered_queries(batch, q_len, q_lengths, kv_lengths)
+  if answered is None:
+    return stats
+  return jax.tree.map(lambda x: jnp.where(answered[..., None], x, jnp.nan), stats)
 
 
 def _block_moments(s: Array, visible: Array):
@@ -246,6 +283,22 @@ def _check_positions(q_positions, batch: int, q_len: int, k_len: int):
     raise ValueError(
         f"q_positions must have shape [B, Tq] = ({batch}, {q_len}), got {q_positions.shape}")
   return q_positions.astype(jnp.int32)
+
+
+def _check_lengths(name: str, lengths, batch: int, limit: int):
+  """Per-row lengths as int32 [B]; values in [0, limit] are checked when concrete."""
+  if lengths is None:
+    return None
+  lengths = jnp.asarray(lengths)
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise TypeError(f"{name} must be integer, got {lengths.dtype}")
+  if lengths.shape != (batch,):
+    raise ValueError(f"{name} must have shape [B] = ({batch},), got {lengths.shape}")
+  if not isinstance(lengths, jax.core.Tracer):
+    low, high = int(jnp.min(lengths)), int(jnp.max(lengths))
+    if low < 0 or high > limit:
+      raise ValueError(f"{name} must lie in [0, {limit}], got values in [{low}, {high}]")
+  return lengths.astype(jnp.int32)
 
 
 def _resolve_implementation(implementation, dtype, head_dim: int):

@@ -1,16 +1,20 @@
 """The gate between the inertia and geometry channels, and token routing.
 
 A hard gate is 0/1 in the forward pass with a straight-through gradient. The
-expensive channel is evaluated only at the tokens that need it: `route` gathers
-them into a static capacity, picked by `lax.switch` from a few buckets on the
-batch's largest count (bucket 0 skips the work entirely), and scatters the result
-back. No selected token is ever dropped, so the result equals the dense computation.
+expensive channel is evaluated only at the tokens that need it: `route` gathers them
+into one static capacity per row (padding slots at position 0, the row's count passed
+on so that attention skips them), runs the channel there and scatters the result back,
+as one straight-line program (no conditional). A row holding more tokens than the
+capacity overflows: `route` reports it, and the caller redoes the work at a larger
+capacity (`CapacityLadder`), so no selected token is ever dropped from a result that is
+used. Capacity 1 (every token) cannot overflow.
 """
 
 from __future__ import annotations
 
+import collections
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +30,19 @@ def hard_gate(prob_BT: Array, *, threshold: float = 0.5, key: Optional[Array] = 
   return prob_BT > threshold
 
 
-def exploration_mask(closed_BT: Array, fraction: float, key: Optional[Array]) -> Array:
-  """A random `fraction` of the closed tokens, bool [B, T]; none without a key."""
-  if key is None or fraction <= 0.0:
+def exploration_fraction(open_BT: Array, budget: float, floor: float) -> Array:
+  """The fraction of closed tokens to explore, float32 scalar: `budget` extra attention
+  work relative to the open tokens' (budget * open / closed), at least `floor` of the
+  closed tokens (so that a layer with every gate closed can still reopen), at most 1."""
+  n_open = jnp.sum(open_BT, dtype=jnp.float32)
+  n_closed = jnp.maximum(open_BT.size - n_open, 1.0)
+  return jnp.clip(budget * n_open / n_closed, floor, 1.0)
+
+
+def exploration_mask(closed_BT: Array, fraction, key: Optional[Array]) -> Array:
+  """A random `fraction` (a float or a traced scalar) of the closed tokens, bool [B, T];
+  none without a key."""
+  if key is None or (isinstance(fraction, (int, float)) and fraction <= 0.0):
     return jnp.zeros_like(closed_BT, dtype=bool)
   return closed_BT & jax.random.bernoulli(key, fraction, closed_BT.shape)
 
@@ -42,91 +56,206 @@ def straight_through(prob_BT: Array, open_BT: Array, grad_weight_BT: Array) -> A
   return open_BT.astype(jnp.float32) + grad_weight_BT * (prob - jax.lax.stop_gradient(prob))
 
 
-def capacity_buckets(seq_len: int, fractions: Sequence[float], multiple: int = 8) -> tuple[int, ...]:
-  """Static capacities (0, c_1, ..., seq_len) for `route`: each fraction of seq_len
-  rounded up to a multiple of `multiple` and capped at seq_len."""
-  caps = {min(seq_len, multiple * math.ceil(f * seq_len / multiple)) for f in fractions}
-  caps.add(seq_len)
-  caps.discard(0)
-  return (0,) + tuple(sorted(caps))
+def capacity_tokens(length: int, fraction: float, multiple: int = 1) -> int:
+  """Static capacity for `length` tokens: fraction * length rounded up to a multiple of
+  `multiple`, at least one multiple, at most `length`."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"capacity fraction must be in (0, 1], got {fraction}")
+  return min(length, multiple * max(1, math.ceil(fraction * length / multiple)))
 
 
-def bucket_index(selected_BT: Array, capacities: Sequence[int]) -> Array:
-  """Index of the smallest capacity holding every row's selected count, int32 scalar."""
-  count = jnp.max(jnp.sum(selected_BT, axis=1, dtype=jnp.int32))
-  return jnp.sum(count > jnp.asarray(capacities, jnp.int32), dtype=jnp.int32)
+class Slots(NamedTuple):
+  """Where the selected tokens of each row sit in a capacity of C slots.
+
+  positions_BC: int32, the selected positions in increasing order; 0 in padding slots.
+  lengths_B: int32, slots in use per row (min(count, C)).
+  counts_B: int32, tokens selected per row; count > C means the row overflowed and its
+    selected tokens after the first C are missing.
+  scatter_BC: int32, the positions to scatter slot outputs back to: unique and sorted,
+    T + slot in padding slots (out of range, dropped).
+  """
+
+  positions_BC: Array
+  lengths_B: Array
+  counts_B: Array
+  scatter_BC: Array
 
 
-def route(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
-          capacities: Sequence[int]) -> PyTree:
+def token_slots(selected_BT: Array, capacity: int) -> Slots:
+  """The slots of the selected tokens, by a running count (no sort, no conditional)."""
+  batch, seq_len = selected_BT.shape
+  rank_BT = jnp.cumsum(selected_BT, axis=1, dtype=jnp.int32) - 1
+  counts = rank_BT[:, -1] + 1
+  # Unselected and overflowing tokens write to a spare slot C that is cut off.
+  slot_BT = jnp.where(selected_BT & (rank_BT < capacity), rank_BT, capacity)
+  rows = jnp.arange(batch)[:, None]
+  held = jnp.zeros((batch, capacity + 1), jnp.int32).at[rows, slot_BT].set(
+      jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)))[:, :capacity]
+  lengths = jnp.minimum(counts, capacity)
+  in_use = jnp.arange(capacity, dtype=jnp.int32)[None, :] < lengths[:, None]
+  positions = jnp.where(in_use, held, 0)
+  scatter = jnp.where(in_use, held, seq_len + jnp.arange(capacity, dtype=jnp.int32)[None, :])
+  return Slots(positions, lengths, counts, scatter)
+
+
+def route(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree, capacity: int
+          ) -> tuple[PyTree, Array]:
   """Evaluates fn at the selected tokens only; zeros elsewhere.
 
   Args:
-    fn: fn(gathered, positions_BC, valid_BC) -> pytree of [B, C, ...] arrays, where
+    fn: fn(gathered, positions_BC, lengths_B) -> pytree of [B, C, ...] arrays, where
       `gathered` is `operands` gathered at the selected tokens in increasing position
-      order, positions_BC their int32 positions, valid_BC False in padding slots
-      (whose outputs are discarded). fn may close over arrays (weights, keys).
+      order, positions_BC their int32 positions (0 in padding slots) and lengths_B the
+      slots in use per row; outputs in padding slots are discarded. fn may close over
+      arrays (weights, keys).
     selected_BT: bool [B, T].
     operands: pytree of [B, T, ...] arrays.
-    capacities: increasing static ints from `capacity_buckets` (first 0, last >= T).
+    capacity: static number of slots per row, 1 <= C <= T.
 
   Returns:
-    fn's outputs scattered to [B, T, ...], zero at tokens not selected.
-
-  Under differentiation the taken branch is recomputed in the backward pass.
+    (fn's outputs scattered to [B, T, ...], zero at tokens not computed; counts_B int32,
+    the selected tokens per row: a row with count > C overflowed).
   """
   batch, seq_len = selected_BT.shape
-  capacities = tuple(int(c) for c in capacities)
-  if capacities[0] != 0 or capacities[-1] < seq_len or list(capacities) != sorted(set(capacities)):
-    raise ValueError(f"capacities must increase from 0 to at least T={seq_len}, got {capacities}")
+  if not 1 <= capacity <= seq_len:
+    raise ValueError(f"capacity must be in [1, T={seq_len}], got {capacity}")
+  slots = token_slots(selected_BT, capacity)
   rows = jnp.arange(batch)[:, None]
+  gathered = jax.tree.map(lambda x: x[rows, slots.positions_BC], operands)
+  outputs = fn(gathered, slots.positions_BC, slots.lengths_B)
+  scattered = jax.tree.map(
+      lambda y: jnp.zeros((batch, seq_len) + y.shape[2:], y.dtype).at[rows, slots.scatter_BC].set(
+          y, mode="drop", indices_are_sorted=True, unique_indices=True), outputs)
+  return scattered, slots.counts_B
 
-  def gathered_branch(capacity: int):
-    def branch(selected, operands):
-      positions = jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=seq_len)[0])(selected)
-      valid = positions < seq_len
-      clipped = jnp.minimum(positions, seq_len - 1).astype(jnp.int32)
-      outputs = fn(jax.tree.map(lambda x: x[rows, clipped], operands), clipped, valid)
-      return jax.tree.map(
-          lambda y: jnp.zeros((batch, seq_len) + y.shape[2:], y.dtype).at[rows, positions].set(
-              y, mode="drop"), outputs)
-    return branch
 
-  # Each branch is rematerialised: a differentiated lax.switch saves the residuals of
-  # every branch, zero-filled when not taken, and with capacity-sized residuals that
-  # costs more than the attention it skips. Checkpointed branches save only their
-  # inputs, the same arrays in every branch, and the backward pass recomputes the
-  # taken branch alone.
-  branches = [jax.checkpoint(gathered_branch(c)) for c in capacities[1:]]
-  out_shapes = jax.eval_shape(branches[0], selected_BT, operands)
+class RouteReport(NamedTuple):
+  """What routing saw: overflow (bool scalar: some row of some segment held more tokens
+  than its capacity) and needed (float32 scalar: the largest count of a row in a segment
+  as a fraction of the segment's length, i.e. the smallest capacity fraction that fits)."""
 
-  def skip(selected, operands):
-    del selected, operands
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+  overflow: Array
+  needed: Array
 
-  index = bucket_index(selected_BT, capacities)
-  return jax.lax.switch(index, [skip] + branches, selected_BT, operands)
+
+def segment_bounds(seq_len: int, segment_len: int) -> list[tuple[int, int]]:
+  """[(start, end)] of consecutive segments of at most segment_len tokens."""
+  if segment_len < 1:
+    raise ValueError(f"segment_len must be positive, got {segment_len}")
+  return [(start, min(start + segment_len, seq_len)) for start in range(0, seq_len, segment_len)]
+
+
+def count_report(selected_BT: Array, fraction: float, segment_len: int, multiple: int = 1
+                 ) -> RouteReport:
+  """The RouteReport of routing selected_BT at this capacity fraction, without routing."""
+  overflow, needed = jnp.bool_(False), jnp.float32(0.0)
+  for start, end in segment_bounds(selected_BT.shape[1], segment_len):
+    counts = jnp.sum(selected_BT[:, start:end], axis=1, dtype=jnp.int32)
+    capacity = capacity_tokens(end - start, fraction, multiple)
+    overflow = overflow | jnp.any(counts > capacity)
+    needed = jnp.maximum(needed, jnp.max(counts).astype(jnp.float32) / (end - start))
+  return RouteReport(overflow, needed)
+
+
+def computes_densely(seq_len: int, fraction: float, segment_len: int, multiple: int = 1) -> bool:
+  """True when routing at this capacity would hold every token of a (full) segment:
+  attention is then cheaper computed densely, and cannot overflow."""
+  segment = min(segment_len, seq_len)
+  return capacity_tokens(segment, fraction, multiple) >= segment
+
+
+def gathered_slots(seq_len: int, fraction: float, segment_len: int, multiple: int = 1) -> int:
+  """Query slots per row that attention computes at this capacity (seq_len when dense)."""
+  if computes_densely(seq_len, fraction, segment_len, multiple):
+    return seq_len
+  return sum(capacity_tokens(end - start, fraction, multiple)
+             for start, end in segment_bounds(seq_len, segment_len))
 
 
 def route_causal_segments(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
-                          fractions: Sequence[float], segment_len: int,
-                          multiple: int = 8) -> PyTree:
+                          fraction: float, segment_len: int, multiple: int = 1
+                          ) -> tuple[PyTree, RouteReport]:
   """`route` run separately on consecutive segments of the sequence.
 
-  fn(gathered, positions_BC, valid_BC, segment_end) also gets the static end of the
+  fn(gathered, positions_BC, lengths_B, segment_end) also gets the static end of the
   segment (positions are absolute), so a causal consumer such as attention reads only
-  the key prefix [0, segment_end): about half the work of one gather over the whole
-  sequence, and each segment picks its own capacity bucket.
-  Capacities are `fractions` of the segment length rounded up to `multiple`.
+  the key prefix [0, segment_end). Each segment's capacity is `fraction` of its length
+  rounded up to `multiple` (capacity_tokens). Returns the outputs [B, T, ...] and a
+  RouteReport; with overflow set, some selected tokens were not computed.
   """
-  seq_len = selected_BT.shape[1]
-  if segment_len < 1:
-    raise ValueError(f"segment_len must be positive, got {segment_len}")
   outputs = []
-  for start in range(0, seq_len, segment_len):
-    end = min(start + segment_len, seq_len)
-    segment_fn = lambda x, pos, valid, start=start, end=end: fn(x, pos + start, valid, end)
-    outputs.append(route(segment_fn, selected_BT[:, start:end],
-                         jax.tree.map(lambda x: x[:, start:end], operands),
-                         capacity_buckets(end - start, fractions, multiple)))
-  return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outputs)
+  for start, end in segment_bounds(selected_BT.shape[1], segment_len):
+    # Padding slots sit at the segment's first position: harmless, and never read back.
+    segment_fn = lambda x, pos, lengths, start=start, end=end: fn(x, pos + start, lengths, end)
+    out, _ = route(segment_fn, selected_BT[:, start:end],
+                   jax.tree.map(lambda x: x[:, start:end], operands),
+                   capacity_tokens(end - start, fraction, multiple))
+    outputs.append(out)
+  outputs = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outputs)
+  return outputs, count_report(selected_BT, fraction, segment_len, multiple)
+
+
+def distinct_fractions(fractions: Sequence[float], seq_len: int, segment_len: int,
+                       multiple: int = 1) -> tuple[float, ...]:
+  """The capacity fractions that give different programs at this length: of fractions
+  with equal slot counts the largest (it holds the most), and 1.0 for every fraction
+  that computes densely."""
+  by_slots: dict[int, float] = {}
+  for f in sorted(fractions):
+    if not computes_densely(seq_len, f, segment_len, multiple):
+      by_slots[gathered_slots(seq_len, f, segment_len, multiple)] = f
+  return tuple(sorted(by_slots.values())) + (1.0,)
+
+
+class CapacityLadder:
+  """Host-side choice of the static routing capacity, so that no token is ever dropped.
+
+  The capacities are `fractions` (increasing, ending with 1.0: every token, which never
+  overflows), each compiled once when first used. After each call, `observe(overflow,
+  needed)` sets `current` to the smallest fraction holding (1 + headroom) times the
+  largest need of the last `window` calls: it moves up at once and down only after a
+  window of calls that fit lower, so it rarely changes. It returns True if the call
+  overflowed: its result must be discarded and the call redone at `current`, which then
+  holds what the call needed.
+  """
+
+  WINDOW = 50
+
+  def __init__(self, fractions: Sequence[float], *, headroom: float = 0.1,
+               window: int = WINDOW, recent: Sequence[float] = ()):
+    """recent: needs of earlier calls, oldest first (a ladder's `recent`, to resume it)."""
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or fractions[-1] != 1.0 or list(fractions) != sorted(set(fractions)) or (
+        fractions[0] <= 0.0):
+      raise ValueError(f"fractions must increase in (0, 1] and end with 1.0, got {fractions}")
+    if not headroom >= 0.0:
+      raise ValueError(f"headroom must be >= 0, got {headroom}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+      raise ValueError(f"window must be a positive integer, got {window!r}")
+    self.fractions = fractions
+    self.headroom = headroom
+    self._recent: collections.deque = collections.deque(
+        (float(x) for x in recent if math.isfinite(x)), maxlen=window)
+    self.current = self._choose()
+
+  @property
+  def recent(self) -> tuple[float, ...]:
+    """The needs the ladder remembers, oldest first."""
+    return tuple(self._recent)
+
+  def _choose(self) -> float:
+    """1.0 until a need is known, then the fraction holding the window's largest."""
+    if not self._recent:
+      return 1.0
+    return self.fit(max(self._recent) * (1.0 + self.headroom))
+
+  def fit(self, needed: float) -> float:
+    """The smallest fraction >= needed (1.0 if none is smaller)."""
+    return next((f for f in self.fractions if f >= needed), 1.0)
+
+  def observe(self, overflow, needed) -> bool:
+    """Updates `current` from a call's overflow flag and needed fraction; True if the
+    call overflowed (redo it)."""
+    self._recent.append(float(needed))
+    self.current = self._choose()
+    return bool(overflow)
