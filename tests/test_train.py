@@ -152,6 +152,58 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch,
   assert summary(whole)["lam"] == summary(split)["lam"]
 
 
+def test_routed_run_resumes_exactly_and_matches_dense_execution(tmp_path, monkeypatch, capsys):
+  """Sequences long enough to route (capacity below the segment): the run picks its
+  capacities on the host, redoes any overflowing step, resumes exactly, and trains as
+  dense execution does (up to rounding)."""
+  args = TINY + ["--steps=40", "--seq_len=64", "--vocab_size=128", "--segment_len=32",
+                 "--capacity_multiple=4",
+                 "--checkpoint_every=1000", "--lam_warmup=10", "--target_rate=0.1",
+                 "--gate_bias_init=-1.5"]
+  whole, split, dense = tmp_path / "whole", tmp_path / "split", tmp_path / "dense"
+  assert run_main(args + [f"--out={whole}"], capsys)[0] == 0
+  with monkeypatch.context() as m:
+    interrupt_at(m, 25)
+    assert run_main(args + [f"--out={split}"], capsys)[0] == 128 + signal.SIGINT
+  stopped = summary(split)["steps_completed"]
+  assert run_main([f"--out={split}", "--resume"], capsys)[0] == 0
+  assert run_main(args + [f"--out={dense}", "--attention_execution=dense"], capsys)[0] == 0
+  a, b, d = records(whole, "train"), records(split, "train"), records(dense, "train")
+  assert a[-1]["capacity"] < 1.0  # it did route
+  for ra, rb, rd in zip(a, b, d):
+    if not stopped < ra["step"] < stopped + 5:
+      assert ra["loss"] == rb["loss"] and ra["capacity"] == rb["capacity"], ra["step"]
+    np.testing.assert_allclose(ra["loss"], rd["loss"], rtol=1e-4, err_msg=str(ra["step"]))
+    assert rd["capacity"] == 1.0
+
+
+def test_overflowing_step_changes_nothing_and_is_redone():
+  import jax
+  from tgn_jax.ops.gate import CapacityLadder
+  from tgn_jax.training import steps
+  config = resolve(dict(seq_len=64, segment_len=64, capacity_multiple=1, d_model=32,
+                        batch_size=4, gate_bias_init=2.0, warmup_steps=0))
+  model_config = config.model_config(vocab_size=64, max_seq_len=64)
+  optimizer = steps.make_optimizer(config)
+  model_def, state = steps.init_state(model_config, config, optimizer)
+  step = steps.make_train_step(model_def, model_config, optimizer)
+  tokens = jax.random.randint(jax.random.key(0), (4, 65), 0, 64)
+  batch = (tokens[:, :-1], tokens[:, 1:], np.ones((4, 64), np.float32))
+  controls = steps.make_controls(config)(0)
+  after, metrics = step(state, controls, *batch, 0.25)  # gate bias +2: most tokens open
+  assert metrics["overflow"] == 1.0 and float(metrics["capacity_needed"]) > 0.25
+  for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(old, new)
+  dense_state, dense_metrics = step(state, controls, *batch, 1.0)
+  ladder = CapacityLadder(model_config.capacity_buckets, recent=[0.2])
+  assert ladder.current == 0.25
+  redone_state, redone_metrics, redone = steps.routed_step(step, state, controls, batch, ladder)
+  assert redone == 1 and redone_metrics["overflow"] == 0.0 and int(redone_state.step) == 1
+  np.testing.assert_allclose(redone_metrics["loss"], dense_metrics["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(redone_state.params), jax.tree.leaves(dense_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   out = tmp_path / "run"
   proc = subprocess.Popen(

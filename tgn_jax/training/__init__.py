@@ -2,8 +2,9 @@
 
 from tgn_jax.training.config import ConfigError, TrainConfig, resolve
 from tgn_jax.training.steps import (StepControls, TrainState, make_controls, make_eval_step,
-                                    make_optimizer, make_train_step)
+                                    make_optimizer, make_train_step, routed_step)
 from tgn_jax.training.tasks import Task, make_task
 
 __all__ = ["ConfigError", "TrainConfig", "resolve", "StepControls", "TrainState", "make_controls",
-           "make_eval_step", "make_optimizer", "make_train_step", "Task", "make_task"]
+           "make_eval_step", "make_optimizer", "make_train_step", "routed_step", "Task",
+           "make_task"]

@@ -57,10 +57,13 @@ class TrainConfig:
   gate: str = _field("hard", "soft | hard | open | closed")
   attention_execution: Optional[str] = _field(None, "sparse | dense (default: sparse for hard)")
   temperature: Optional[str] = _field(None, "attention temperature: a number, 'learned' or none (sqrt(head_dim))")
-  exploration: float = _field(0.02, "fraction of closed-gate tokens computed for the gate gradient")
+  exploration: float = _field(0.05, "closed-gate attention computed for the gate gradient, as a "
+                              "fraction of the open tokens' attention work")
+  exploration_floor: float = _field(0.002, "fraction of closed-gate tokens explored at least")
   gate_bias_init: float = _field(0.0, "initial gate logit bias (0: open probability 1/2)")
   gate_sampling: bool = _field(False, "Bernoulli-sample the hard gate in training")
   segment_len: int = _field(8192, "sparse attention gather segment length")
+  capacity_multiple: int = _field(64, "routing capacities are rounded up to a multiple of this")
   dtype: str = _field("float32", "compute dtype: float32 | bfloat16")
   remat: bool = _field(False, "rematerialise each layer in the backward pass")
   # free energy and thermostat
@@ -101,8 +104,10 @@ class TrainConfig:
         n_heads=self.n_heads, d_mlp=self.d_mlp, max_seq_len=max_seq_len, mixer=self.mixer,
         recurrence=self.recurrence, gate=self.gate,
         attention_execution=self.attention_execution, temperature=temperature,
-        exploration=self.exploration, gate_bias_init=self.gate_bias_init,
-        gate_sampling=self.gate_sampling, segment_len=self.segment_len, dtype=self.dtype,
+        exploration=self.exploration, exploration_floor=self.exploration_floor,
+        gate_bias_init=self.gate_bias_init,
+        gate_sampling=self.gate_sampling, segment_len=self.segment_len,
+        capacity_multiple=self.capacity_multiple, dtype=self.dtype,
         remat=self.remat)
 
   @property

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from tgn_jax.nn.model import count_params
+from tgn_jax.nn.model import capacity_ladder, count_params
 from tgn_jax.training import steps as train_steps
 from tgn_jax.training.config import ConfigError, TrainConfig
 from tgn_jax.training.tasks import Task, make_task
@@ -135,6 +135,10 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
     soft_eval = train_steps.make_eval_step(soft_def, soft_config)
   gate_mode = model_config.gate if model_config.mixer == "tgn" else "none"
   phase = lambda step: "soft" if step < soft_steps else gate_mode
+  ladder = capacity_ladder(model_config, task.seq_len,
+                           recent=np.asarray(state.routing_needs).tolist())
+  routed = train_steps.routes(model_config)
+  retries = 0
   stop = _SignalFlag()
   log = lambda msg: tqdm.write(msg, file=sys.stderr)
   log(f"{task.description} | {model_config.mixer} mixer, gate {model_config.gate}, "
@@ -155,8 +159,12 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
   try:
     while step < config.steps and not stop.signum:
       batch = task.train_batch(step)
-      step_fn = soft_step if phase(step) == "soft" else hard_step
-      state, metrics = step_fn(state, controls(step), *batch)
+      if phase(step) == "soft":
+        state, metrics = soft_step(state, controls(step), *batch, 1.0)
+      else:
+        state, metrics, redone = train_steps.routed_step(hard_step, state, controls(step), batch,
+                                                         ladder, routed)
+        retries += redone
       step += 1
       sums = metrics if sums is None else train_steps.accumulate(sums, metrics)
       count += 1
@@ -170,6 +178,8 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
       if step % config.log_every == 0 or step == config.steps:
         record, sums, count = _train_record(step, sums, count, metrics)
         record["gate_mode"] = phase(step - 1)
+        record["capacity"] = ladder.current if routed and phase(step - 1) != "soft" else 1.0
+        record["overflow_retries"] = retries
         record["elapsed"] = time.perf_counter() - wall_start
         now = time.perf_counter()
         if interval_steps:
@@ -187,11 +197,13 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
         bar.set_postfix(_postfix(record, last_eval, task), refresh=False)
         interval_start = time.perf_counter()
       if step % config.checkpoint_every == 0 or step == config.steps:
+        state = state._replace(routing_needs=train_steps.routing_needs(ladder.recent))
         manager.save(step, args=ocp.args.StandardSave(state))
         last_saved = step
   finally:
     bar.close()
     if step != last_saved and (stop.signum or step == config.steps):
+      state = state._replace(routing_needs=train_steps.routing_needs(ladder.recent))
       manager.save(step, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
     manager.close()

@@ -24,6 +24,7 @@ from flax import nnx
 from tgn_jax import functional
 from tgn_jax.config import TGNConfig
 from tgn_jax.nn.model import TGNLM
+from tgn_jax.ops.gate import CapacityLadder
 from tgn_jax.training.config import TrainConfig
 
 # apply_if_finite would apply a non-finite update after this many skips; the training
@@ -36,6 +37,9 @@ class TrainState(NamedTuple):
   opt_state: Any         # optax state
   lam: jax.Array         # float32 scalar: the thermostat's multiplier (before the warm-up ramp)
   step: jax.Array        # int32 scalar: optimizer steps taken
+  routing_needs: jax.Array  # float32 [CapacityLadder.WINDOW]: the routing capacity the last
+                            # steps needed, NaN-padded; the ladder's memory, checkpointed so
+                            # that a resumed run picks the capacities it would have
 
 
 class StepControls(NamedTuple):
@@ -102,7 +106,8 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
 def init_state(model_config: TGNConfig, c: TrainConfig, optimizer) -> tuple[Any, TrainState]:
   model_def, params = functional.init(model_config, jax.random.key(c.seed))
   return model_def, TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
-                               lam=jnp.float32(c.lam), step=jnp.int32(0))
+                               lam=jnp.float32(c.lam), step=jnp.int32(0),
+                               routing_needs=routing_needs(()))
 
 
 @jax.jit
@@ -116,21 +121,45 @@ def model_def_for(model_config: TGNConfig):
   return nnx.graphdef(nnx.eval_shape(lambda: TGNLM(model_config, rngs=nnx.Rngs(0))))
 
 
-def make_train_step(model_def, model_config: TGNConfig, optimizer):
-  """Returns a jitted step(state, controls, inputs, targets, mask) -> (state, metrics)."""
-  gated = model_config.has_gate
+def routing_needs(recent) -> jax.Array:
+  """A CapacityLadder's recent needs as TrainState.routing_needs (NaN-padded)."""
+  needs = np.full((CapacityLadder.WINDOW,), np.nan, np.float32)
+  recent = list(recent)[-CapacityLadder.WINDOW:]
+  needs[:len(recent)] = recent
+  return jnp.asarray(needs)
 
-  def step_fn(state: TrainState, controls: StepControls, inputs, targets, mask):
+
+def routes(model_config: TGNConfig) -> bool:
+  """Whether the model's forward routes tokens (hard gate, sparse execution): its steps
+  take a capacity below 1 and may overflow."""
+  return model_config.has_gate and model_config.gate == "hard" and model_config.execution == "sparse"
+
+
+def make_train_step(model_def, model_config: TGNConfig, optimizer):
+  """Returns a jitted step(state, controls, inputs, targets, mask, capacity) -> (state, metrics).
+
+  capacity (static): the hard gate's routing capacity, a fraction of each segment. If
+  routing at it left tokens out (metrics["overflow"] = 1), the step changes nothing (the
+  returned state is the input state): redo the batch at a larger capacity (the training
+  loop's CapacityLadder does). metrics["capacity_needed"] is the capacity that fits.
+  """
+  gated = model_config.has_gate
+  routed = routes(model_config)
+
+  def step_fn(state: TrainState, controls: StepControls, inputs, targets, mask, capacity):
     key = jax.random.fold_in(controls.key, state.step)
     lam = state.lam * controls.lam_scale
 
     def loss_fn(params):
-      logits, aux = functional.apply(model_def, params, inputs, rng=key, stats=None)
+      logits, aux = functional.apply(model_def, params, inputs, rng=key, stats=None,
+                                     capacity=capacity)
       ce, accuracy = masked_cross_entropy(logits, targets, mask)
       gate = jnp.mean(aux.gate_prob)
       loss = ce + lam * gate if gated else ce
       return loss, dict(ce=ce, accuracy=accuracy, gate_soft=gate,
-                        gate_hard=jnp.mean(aux.open_rate), compute_rate=jnp.mean(aux.compute_rate))
+                        gate_hard=jnp.mean(aux.open_rate), compute_rate=jnp.mean(aux.compute_rate),
+                        overflow=aux.overflow.astype(jnp.float32),
+                        capacity_needed=aux.capacity_needed)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -146,10 +175,31 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer):
                    finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
                    skipped_total=opt_state.total_notfinite,
                    skipped_in_a_row=opt_state.notfinite_count)
-    return TrainState(params, opt_state, new_lam, state.step + 1), metrics
+    new_state = TrainState(params, opt_state, new_lam, state.step + 1, state.routing_needs)
+    if routed:  # an overflowing step is void: a select, fused into the update
+      keep = metrics["overflow"] > 0
+      new_state = jax.tree.map(lambda new, old: jnp.where(keep, old, new), new_state, state)
+    return new_state, metrics
 
   donate = (0,) if jax.default_backend() != "cpu" else ()
-  return jax.jit(step_fn, donate_argnums=donate)
+  return jax.jit(step_fn, donate_argnums=donate, static_argnums=(5,))
+
+
+def routed_step(step_fn, state: TrainState, controls: StepControls, batch, ladder: CapacityLadder,
+                routed: bool = True) -> tuple[TrainState, dict, int]:
+  """One optimizer step at the ladder's capacity, redone at the capacity the tokens need
+  whenever routing overflowed (an overflowing step leaves the state untouched), so that
+  no token is ever left out. Reads two scalars from the device per routed step.
+
+  Returns (state, metrics, how many times the batch was redone).
+  """
+  redone = 0
+  while True:
+    state, metrics = step_fn(state, controls, *batch, ladder.current)
+    if not routed or not ladder.observe(
+        *jax.device_get((metrics["overflow"] > 0, metrics["capacity_needed"]))):
+      return state, metrics, redone
+    redone += 1
 
 
 def make_eval_step(model_def, model_config: TGNConfig):
@@ -160,10 +210,10 @@ def make_eval_step(model_def, model_config: TGNConfig):
   """
 
   def eval_fn(params, inputs, targets, mask):
-    logits, aux = functional.apply(model_def, params, inputs, stats="token")
+    logits, aux = functional.apply(model_def, params, inputs, stats="token", capacity=1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    is_open = (aux.gate > model_config.gate_threshold).astype(jnp.float32)  # [L, B, T]
+    is_open = aux.is_open.astype(jnp.float32)  # [L, B, T]
     sums = dict(
         ce=jnp.sum(ce * mask), correct=jnp.sum(correct * mask), count=jnp.sum(mask),
         tokens=jnp.float32(mask.size), open=jnp.sum(is_open, axis=(1, 2)),
