@@ -2,9 +2,11 @@
 
 For each sequence length T (batch B so that B*T is constant) and open rate r, a random
 r-fraction of the tokens is open; the gated path computes attention only for them
-(`route_causal_segments`: gather per segment into a capacity bucket, keys up to the
-segment's end) and the dense path is causal attention over every token. Keys and values
-are full-length in both. Reported: median time, fraction of dense, and the ideal (= r).
+(`route_causal_segments`: gather per segment into one static capacity, the one a
+CapacityLadder picks for this selection, with each row's count as its query length, keys
+up to the segment's end) and the dense path is causal attention over every token. Keys
+and values are full-length in both. Reported: median time, fraction of dense, the ideal
+(= r), the capacity and the query slots gathered per token.
 
   python benchmarks/attention.py                    # GPU, bf16, cuDNN
   python benchmarks/attention.py --tiny             # CPU smoke run
@@ -23,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from tgn_jax.config import TGNConfig  # noqa: E402
 from tgn_jax.ops.attention import gibbs_attention  # noqa: E402
-from tgn_jax.ops.gate import route_causal_segments  # noqa: E402
+from tgn_jax.ops.gate import (CapacityLadder, count_report, distinct_fractions,  # noqa: E402
+                              gathered_slots, route_causal_segments)
 
 DEFAULTS = TGNConfig(vocab_size=1)  # the library's capacity buckets
-COLUMNS = ["T", "B", "path", "rate", "segment", "ms", "fraction", "ideal"]
+COLUMNS = ["T", "B", "path", "rate", "segment", "capacity", "gathered", "ms", "fraction", "ideal"]
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, rate, dtype):
@@ -42,12 +45,21 @@ def dense_loss(q, k, v, w, selected, *, impl):
   return jnp.sum((gibbs_attention(q, k, v, implementation=impl) * w).astype(jnp.float32))
 
 
-def gated_loss(q, k, v, w, selected, *, impl, segment_len, multiple):
-  def attend(q_BC, pos_BC, valid_BC, end):
-    return gibbs_attention(q_BC, k[:, :end], v[:, :end], q_positions=pos_BC, implementation=impl)
-  out = route_causal_segments(attend, selected, q, DEFAULTS.capacity_buckets, segment_len,
-                              multiple)
+def gated_loss(q, k, v, w, selected, *, impl, segment_len, multiple, capacity):
+  def attend(q_BC, pos_BC, lengths_B, end):
+    return gibbs_attention(q_BC, k[:, :end], v[:, :end], q_positions=pos_BC, q_lengths=lengths_B,
+                           implementation=impl)
+  out, _ = route_causal_segments(attend, selected, q, capacity, segment_len, multiple)
   return jnp.sum((out * w).astype(jnp.float32))
+
+
+def ladder_capacity(selected, seq_len: int, segment_len: int, multiple: int) -> float:
+  """The capacity a CapacityLadder settles on for this selection (library defaults)."""
+  ladder = CapacityLadder(distinct_fractions(DEFAULTS.capacity_buckets, seq_len, segment_len,
+                                             multiple))
+  report = count_report(selected, 1.0, segment_len, multiple)
+  ladder.observe(False, float(report.needed))
+  return ladder.current
 
 
 def main(argv=None):
@@ -87,14 +99,18 @@ def main(argv=None):
         segment = segment_len or seq_len
         if segment > seq_len and segment_len:
           continue
+        capacity = ladder_capacity(inputs[4], seq_len, segment, args.multiple)
+        gathered = gathered_slots(seq_len, capacity, segment, args.multiple) / seq_len
         step = grad(functools.partial(gated_loss, impl=args.impl, segment_len=segment,
-                                      multiple=args.multiple))
+                                      multiple=args.multiple, capacity=capacity))
         timing = common.time_fn(lambda: step(*inputs), repeats=args.repeats)
         rows.append(dict(T=seq_len, B=batch, rate=rate, path="gated", segment=segment,
-                         ms=timing["median_ms"], fraction=timing["median_ms"] / dense["median_ms"],
-                         ideal=rate, **_extra(timing)))
-        print(f"  rate={rate} segment={segment}: {timing['median_ms']:.3f} ms "
-              f"= {rows[-1]['fraction']:.3f} x dense", flush=True)
+                         capacity=capacity, gathered=gathered, ms=timing["median_ms"],
+                         fraction=timing["median_ms"] / dense["median_ms"], ideal=rate,
+                         **_extra(timing)))
+        print(f"  rate={rate} segment={segment} capacity={capacity} (gathered {gathered:.3f}): "
+              f"{timing['median_ms']:.3f} ms = {rows[-1]['fraction']:.3f} x dense", flush=True)
+        common.save_partial("attention", args, rows)
 
   common.print_table(rows, COLUMNS)
   config = {"heads": args.heads, "head_dim": args.head_dim, "dtype": jnp.dtype(dtype).name,

@@ -142,6 +142,13 @@ def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
   return records
 
 
+def save_partial(name: str, args, rows: list[dict[str, Any]]) -> None:
+  """Writes the rows measured so far (marked partial), so that a run stopped by its time
+  limit keeps them; `finish` overwrites the file with the complete results."""
+  results = {"benchmark": name, "env": environment(), "partial": True, "rows": rows}
+  write_results(name + ("_tiny" if args.tiny else ""), results, args.out)
+
+
 def finish(name: str, args, results: dict[str, Any],
            plot: Callable[[Path], None] | None = None,
            config: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -48,16 +48,16 @@ def calibrate_open_rate(model_def, params, tokens_BT: jax.Array, target: float,
   (deterministic forward: threshold gate, no exploration).
   """
   params = jax.tree.map(lambda x: x, params)  # fresh Variables; the caller's stay untouched
-  gate_prob = jax.jit(lambda p, t: functional.apply(model_def, p, t, stats=None)[1].gate_prob)
+  gates = jax.jit(lambda p, t: functional.apply(model_def, p, t, stats=None)[1])
   threshold_logit = math.log(threshold / (1.0 - threshold))
   bias = gate_bias(params)
   for layer in range(bias.shape[0]):
-    prob = np.asarray(gate_prob(params, tokens_BT)[layer], np.float64).ravel()
+    prob = np.asarray(gates(params, tokens_BT).gate_prob[layer], np.float64).ravel()
     prob = np.clip(prob, 1e-12, 1.0 - 1e-12)
     logits = np.sort(np.log(prob) - np.log1p(-prob))
     cut = _cut_between(logits, round((1.0 - target) * logits.size))
     bias[...] = bias[...].at[layer].add(threshold_logit - cut)
-  return params, gate_prob(params, tokens_BT) > threshold
+  return params, gates(params, tokens_BT).is_open
 
 
 def layer_rates(open_LBT: jax.Array) -> list[float]:
@@ -65,24 +65,11 @@ def layer_rates(open_LBT: jax.Array) -> list[float]:
   return [float(r) for r in jnp.mean(open_LBT, axis=(1, 2), dtype=jnp.float32)]
 
 
-def gathered_fraction(open_LBT: jax.Array, config: TGNConfig, key: jax.Array) -> float:
-  """Query slots the sparse attention gathers per token, mean over layers.
-
-  The computed tokens are the open ones plus closed ones explored as in training (drawn
-  with `key`); each segment gathers into the smallest capacity bucket holding its busiest
-  row, so this is at least the compute rate, and it is what the attention work scales with.
-  """
-  layers, _, seq_len = open_LBT.shape
-  computed = open_LBT | gate_ops.exploration_mask(~open_LBT, config.exploration, key)
-  slots = 0
-  for start in range(0, seq_len, config.segment_len):
-    end = min(start + config.segment_len, seq_len)
-    capacities = gate_ops.capacity_buckets(end - start, config.capacity_buckets,
-                                           config.capacity_multiple)
-    for layer in range(layers):
-      index = gate_ops.bucket_index(computed[layer, :, start:end], capacities)
-      slots += capacities[int(index)]
-  return slots / (layers * seq_len)
+def gathered_fraction(config: TGNConfig, seq_len: int, capacity: float) -> float:
+  """Query slots the attention computes per token at this routing capacity (1.0 when
+  it computes densely): what the attention work scales with."""
+  return gate_ops.gathered_slots(seq_len, capacity, config.segment_len,
+                                 config.capacity_multiple) / seq_len
 
 
 def _cut_between(sorted_logits: np.ndarray, closed: int) -> float:

@@ -9,11 +9,14 @@ so T = 32768 runs one sequence):
   tgn-soft-gru           TGN, GRU, soft gate (the PyTorch reference: attention everywhere)
   transformer            attention only
   recurrent              minGRU only
+  plain-gpt              the Transformer's shape in pure jax + optax (benchmarks/plain_gpt.py)
 
 The hard gate's open rate is held by calibrating each layer's gate bias on the batch
 (benchmarks/gate_control.py), with lambda = 0, no thermostat and a learning rate of 1e-5 so
 that it does not drift; the open and compute rates (exploration included) are measured from
-the step's own metrics during timing.
+the step's own metrics during timing. Routed models step as the training loop steps them
+(tgn_jax.training.routed_step): the routing capacity comes from a CapacityLadder, each step
+reads its overflow flag back to the host, and an overflowing step is redone (counted).
 
   python benchmarks/throughput.py                   # GPU
   python benchmarks/throughput.py --remat --seq_lens 32768
@@ -31,20 +34,24 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, gate_control  # noqa: E402
-from tgn_jax import count_params  # noqa: E402
+from benchmarks import common, gate_control, plain_gpt  # noqa: E402
+from tgn_jax import TGNConfig, count_params, functional  # noqa: E402
+from tgn_jax.nn.model import capacity_ladder  # noqa: E402
 from tgn_jax.training import steps  # noqa: E402
 from tgn_jax.training.config import resolve  # noqa: E402
 
 LEARNING_RATE = 1e-5
-COLUMNS = ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer", "open_rate", "compute_rate",
-           "gathered_fraction", "peak_gib", "xla_gib", "compile_s", "error"]
+PLAIN_GPT = "plain-gpt"
+MODELS = list(gate_control.MODELS) + [PLAIN_GPT]
+COLUMNS = ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer", "vs_plain_gpt", "open_rate",
+           "compute_rate", "capacity", "gathered_fraction", "redone", "peak_gib", "xla_gib",
+           "compile_s", "error"]
 
 
 def main(argv=None):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--models", type=lambda s: s.split(","), default=list(gate_control.MODELS),
-                      help=f"comma-separated subset of {', '.join(gate_control.MODELS)}")
+  parser.add_argument("--models", type=lambda s: s.split(","), default=MODELS,
+                      help=f"comma-separated subset of {', '.join(MODELS)}")
   parser.add_argument("--seq_lens", type=common.int_list, default=[1024, 4096, 8192, 32768])
   parser.add_argument("--tokens_per_batch", type=int, default=16384,
                       help="B*T (B = max(1, this // T))")
@@ -52,7 +59,7 @@ def main(argv=None):
   parser.add_argument("--d_model", type=int, default=768)
   parser.add_argument("--heads", type=int, default=12)
   parser.add_argument("--vocab", type=int, default=50304)
-  parser.add_argument("--exploration", type=float, default=0.02,
+  parser.add_argument("--exploration", type=float, default=TGNConfig(vocab_size=1).exploration,
                       help="fraction of closed-gate tokens whose attention is computed in training")
   parser.add_argument("--remat", action="store_true", help="rematerialise each layer")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -62,29 +69,32 @@ def main(argv=None):
     parser.set_defaults(layers=2, d_model=32, heads=2, vocab=64, seq_lens=[32, 64],
                         tokens_per_batch=512, dtype="float32", repeats=2)
     args = parser.parse_args(argv)
-  unknown = sorted(set(args.models) - set(gate_control.MODELS))
+  unknown = sorted(set(args.models) - set(MODELS))
   if unknown:
-    parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(gate_control.MODELS)}")
+    parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
 
   rows = []
   for seq_len in args.seq_lens:
     for name in args.models:
-      rows.append(measure(name, seq_len, args))
+      rows.append(measure_plain_gpt(seq_len, args) if name == PLAIN_GPT
+                  else measure(name, seq_len, args))
       print(_summary(rows[-1]), flush=True)
-  add_transformer_ratio(rows)
+      common.save_partial("throughput", args, rows)
+  add_ratios(rows)
 
   common.print_table(rows, COLUMNS)
   config = {
       "layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
       "dtype": args.dtype, "tokens_per_batch": args.tokens_per_batch, "remat": args.remat,
       "exploration": args.exploration, "learning_rate": LEARNING_RATE,
-      "models": {name: gate_control.MODELS[name] for name in args.models},
+      "models": {name: gate_control.MODELS.get(name, "pure jax + optax") for name in args.models},
       "measure": "full train step (forward, backward, AdamW), median; tokens/s = B*T / step; "
-                 "open_rate, compute_rate: mean over layers and all steps run; "
-                 "gathered_fraction: query slots of the sparse attention per token (capacity "
-                 "buckets) on the calibration batch, exploration drawn as in training; peak_gib: "
+                 "open_rate, compute_rate: mean over layers and all steps run; capacity: the "
+                 "routing capacity (fraction of a segment) the ladder held at the end; "
+                 "gathered_fraction: query slots attention computed per token at it (1 = "
+                 "dense); redone: overflowing steps redone during the timed steps; peak_gib: "
                  "process-wide peak so far (monotone over rows); xla_gib: the compiled step's "
-                 "arguments + outputs + temporaries"}
+                 "arguments + outputs + temporaries (at the final capacity)"}
   return common.finish("throughput", args, {"rows": rows}, lambda png: plot(rows, png), config)
 
 
@@ -111,26 +121,37 @@ def measure(name: str, seq_len: int, args) -> dict:
           model_def, state.params, batch_arrays[0], target, model_config.gate_threshold)
       state = state._replace(params=params)
       row["calibrated_open_rate"] = gate_control.layer_rates(open_LBT)
-      row["gathered_fraction"] = gate_control.gathered_fraction(
-          open_LBT, model_config, jax.random.key(2))
 
     step_fn = steps.make_train_step(model_def, model_config, optimizer)
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, controls, *batch_arrays).compile()
-    row["compile_s"] = time.perf_counter() - start
-    row["xla_gib"] = _compiled_gib(compiled)
-
-    holder, history = [state], []
+    routed = steps.routes(model_config)
+    recent = []
+    if routed:  # what the first step will need: its ladder starts there, not at 1.0
+      _, aux = jax.jit(lambda p, t: functional.apply(
+          model_def, p, t, rng=jax.random.fold_in(controls.key, 0), stats=None))(
+              state.params, batch_arrays[0])
+      recent = [float(aux.capacity_needed)]
+    ladder = capacity_ladder(model_config, seq_len, recent=recent)
+    holder, history, redone = [state], [], []
 
     def train_step():
-      holder[0], metrics = compiled(holder[0], controls, *batch_arrays)
+      holder[0], metrics, count = steps.routed_step(step_fn, holder[0], controls, batch_arrays,
+                                                    ladder, routed)
       history.append(metrics)
+      redone.append(count)
       return holder[0], metrics
 
-    timing = common.time_fn(train_step, warmup=2, repeats=args.repeats)
+    # Warm-up steps settle the ladder (each capacity it visits compiles once).
+    timing = common.time_fn(train_step, warmup=3, repeats=args.repeats)
+    redone_in_timing = sum(redone[-timing["repeats"]:])
     row.update(ms=timing["median_ms"], min_ms=timing["min_ms"],
                tokens_per_s=batch * seq_len / (timing["median_ms"] / 1e3),
-               peak_gib=common.peak_memory_gib())
+               peak_gib=common.peak_memory_gib(), compile_s=timing["compile_ms"] / 1e3,
+               capacity=ladder.current, redone=redone_in_timing,
+               gathered_fraction=gate_control.gathered_fraction(model_config, seq_len,
+                                                                ladder.current)
+               if routed else None,
+               xla_gib=_compiled_gib(step_fn.lower(holder[0], controls, *batch_arrays,
+                                                   ladder.current).compile()))
     open_rates = np.array([float(m["gate_hard"]) for m in history])
     row.update(open_rate=float(open_rates.mean()),
                open_rate_drift=float(open_rates[-1] - open_rates[0]),
@@ -151,13 +172,44 @@ def _compiled_gib(compiled) -> float | None:
   return total / 2**30
 
 
-def add_transformer_ratio(rows: list[dict]) -> None:
-  """Sets each row's vs_transformer = tokens/s / the transformer's at the same T."""
-  reference = {r["T"]: r["tokens_per_s"] for r in rows
-               if r["model"] == "transformer" and "tokens_per_s" in r}
-  for r in rows:
-    if "tokens_per_s" in r and r["T"] in reference:
-      r["vs_transformer"] = r["tokens_per_s"] / reference[r["T"]]
+def measure_plain_gpt(seq_len: int, args) -> dict:
+  """The plain JAX GPT's row (or its error)."""
+  batch = max(1, args.tokens_per_batch // seq_len)
+  row = dict(model=PLAIN_GPT, T=seq_len, B=batch, open_rate=1.0, compute_rate=1.0)
+  try:
+    dtype = jnp.dtype(args.dtype)
+    params = plain_gpt.init(jax.random.key(0), vocab=args.vocab, d_model=args.d_model,
+                            n_layers=args.layers, n_heads=args.heads, d_mlp=4 * args.d_model)
+    row["params"] = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    optimizer = plain_gpt.make_optimizer(LEARNING_RATE)
+    step_fn = plain_gpt.make_step(optimizer, n_heads=args.heads, dtype=dtype, remat=args.remat)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, args.vocab)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    holder = [params, optimizer.init(params)]
+    xla_gib = _compiled_gib(step_fn.lower(*holder, inputs, targets).compile())
+
+    def train_step():
+      holder[0], holder[1], loss = step_fn(*holder, inputs, targets)
+      return loss
+
+    timing = common.time_fn(train_step, warmup=2, repeats=args.repeats)
+    row.update(ms=timing["median_ms"], min_ms=timing["min_ms"],
+               tokens_per_s=batch * seq_len / (timing["median_ms"] / 1e3),
+               peak_gib=common.peak_memory_gib(), compile_s=timing["compile_ms"] / 1e3,
+               xla_gib=xla_gib, loss=float(train_step()))
+  except Exception as e:  # out of memory, compilation failure: keep the row, go on
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+  return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+  """Sets each row's vs_transformer and vs_plain_gpt: tokens/s over theirs at the same T."""
+  for key, reference_model in (("vs_transformer", "transformer"), ("vs_plain_gpt", PLAIN_GPT)):
+    reference = {r["T"]: r["tokens_per_s"] for r in rows
+                 if r["model"] == reference_model and "tokens_per_s" in r}
+    for r in rows:
+      if "tokens_per_s" in r and r["T"] in reference:
+        r[key] = r["tokens_per_s"] / reference[r["T"]]
 
 
 def _summary(row: dict) -> str:
