@@ -196,6 +196,24 @@ def test_decoding_advances_one_position_per_step():
   assert not np.allclose(logits, shifted[:, 1:], rtol=1e-3, atol=1e-3)
 
 
+def test_decoding_continues_from_the_returned_cache():
+  """prefill, decode 4 tokens, decode 5 more from the returned cache and next logits:
+  the same tokens and logits as decoding 9 at once."""
+  model = TGNLM(config(gate_bias_init=0.0), rngs=nnx.Rngs(4))
+  prompt = tokens(31, batch=3, seq_len=6)
+  logits, cache = model.prefill(prompt, 15)
+  whole = model.decode(cache, logits, 6, 9)
+  logits, cache = model.prefill(prompt, 15)
+  first = model.decode(cache, logits, 6, 4)
+  second = model.decode(first.cache, first.next_logits, 10, 5)
+  np.testing.assert_array_equal(jnp.concatenate([first.tokens, second.tokens], 1), whole.tokens)
+  np.testing.assert_allclose(jnp.concatenate([first.logits, second.logits], 1), whole.logits,
+                             rtol=1e-5, atol=1e-5)
+  assert whole.is_open.shape == (2, 3, 9)
+  with pytest.raises(ValueError, match="exceeds the cache"):
+    model.decode(second.cache, second.next_logits, 15, 1)
+
+
 def test_generate_samples_with_temperature_and_checks_input():
   model = TGNLM(config(), rngs=nnx.Rngs(2))
   prompt = tokens(9, batch=2, seq_len=4)

@@ -117,9 +117,9 @@ class TGNLM(nnx.Module):
     table = self.embed.embedding[...].astype(x.dtype)
     return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
 
-  def init_cache(self, batch: int, length: int) -> LayerCache:
-    """An empty decoding cache for `length` positions, stacked over layers: keys and
-    values [L, B, S, K, H] in the compute dtype, recurrent state float32 [L, B, D]."""
+  def _empty_cache(self, batch: int, length: int) -> LayerCache:
+    """An empty cache for `length` positions, stacked over layers: keys and values
+    [L, B, S, K, H] in the compute dtype, recurrent states float32 [L, B, D]."""
     cfg = self.config
     kv = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
     return LayerCache(
@@ -150,12 +150,16 @@ class TGNLM(nnx.Module):
     tokens = jnp.concatenate([jnp.asarray(prompt_BP, jnp.int32), decoded.tokens], axis=1)
     return (tokens, decoded.logits) if return_logits else tokens
 
-  def prefill(self, prompt_BP: jax.Array, cache_len: int) -> tuple[jax.Array, LayerCache]:
-    """Runs the prompt through the training forward (routed by the capacity ladder, as
-    in __call__) and keeps its keys, values and recurrent states.
+  def prefill(self, prompt_BP: jax.Array, cache_len: int, *, capacity: Optional[float] = None
+              ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+    """Runs the prompt through the training forward and keeps its keys, values and
+    recurrent states.
 
-    Returns the logits at the last prompt position, float32 [B, V], and the cache of
-    cache_len positions (stacked over layers, see init_cache).
+    capacity: the routing capacity, as in __call__ (None: the capacity ladder eagerly,
+      1.0 under a transformation).
+    Returns the logits at the last prompt position, float32 [B, V], and the cache: one
+    LayerCache per layer, keys and values [B, cache_len, K, H] (filled up to the prompt
+    length), recurrent state float32 [B, D].
     """
     cfg = self.config
     _check_tokens(prompt_BP, cfg, name="prompt")
@@ -166,26 +170,30 @@ class TGNLM(nnx.Module):
     graph_def, state = nnx.split(self)
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     run = lambda c: _prefill(graph_def, state, prompt_BP, cache_len, c)
-    logits_BV, _, cache = _run_exact(run, None, cfg, (graph_def, prompt_BP.shape, "prefill"),
+    logits_BV, _, cache = _run_exact(run, capacity, cfg, (graph_def, prompt_BP.shape, "prefill"),
                                      traced=_is_traced((prompt_BP, state)))
     return logits_BV, cache
 
-  def decode(self, cache: LayerCache, logits_BV: jax.Array, position: int, steps: int, *,
-             temperature: float = 0.0, rng: Optional[jax.Array] = None) -> "Decoded":
-    """`steps` new tokens after a prefill that ended before `position`.
+  def decode(self, cache: tuple[LayerCache, ...], logits_BV: jax.Array, position: int,
+             steps: int, *, temperature: float = 0.0, rng: Optional[jax.Array] = None
+             ) -> "Decoded":
+    """`steps` new tokens, fed at positions position, position + 1, ...
 
-    Token i is chosen from the logits the previous step gave (the first from logits_BV)
-    and fed at position + i, one decoding step each through the same blocks as training:
-    each row reads its keys up to the position, and a row whose hard gate is closed reads
-    none. The loop holds no conditional. Returns Decoded.
+    Each step chooses a token from the logits the previous one gave (the first from
+    logits_BV, e.g. prefill's) and runs it through the same blocks as training: each row
+    reads its keys up to the position, and a row whose hard gate is closed reads none.
+    The loop holds no conditional. On accelerators `cache` is donated (updated in place,
+    unusable afterwards): continue from Decoded.cache and Decoded.next_logits at
+    position + steps.
     """
     cfg = self.config
     _check_positive_int("steps", steps)
     if isinstance(position, bool) or not isinstance(position, int) or position < 0:
       raise ValueError(f"position must be a non-negative integer, got {position!r}")
-    if cache.k is not None and position + steps - 1 > cache.k.shape[2]:
-      raise ValueError(f"position + steps - 1 = {position + steps - 1} exceeds the cache's "
-                       f"{cache.k.shape[2]} positions")
+    length = cache[0].k.shape[1] if cache[0].k is not None else None
+    if length is not None and position + steps > length:
+      raise ValueError(f"position + steps = {position + steps} exceeds the cache's {length} "
+                       "positions")
     if not temperature >= 0:
       raise ValueError(f"temperature must be >= 0, got {temperature}")
     sample = temperature > 0
@@ -193,18 +201,22 @@ class TGNLM(nnx.Module):
       raise ValueError("sampling (temperature > 0) needs an rng key")
     key = rng if rng is not None else jax.random.key(0)
     graph_def, state = nnx.split(self)
-    return _decode(graph_def, state, cache, logits_BV, jnp.int32(position), key,
-                   jnp.float32(max(temperature, 1e-6)), steps, sample)
+    decode = _decode_donating if jax.default_backend() != "cpu" else _decode
+    return decode(graph_def, state, tuple(cache), logits_BV, jnp.int32(position), key,
+                  jnp.float32(max(temperature, 1e-6)), steps, sample)
 
 
 class Decoded(NamedTuple):
   """What TGNLM.decode returns: tokens int32 [B, N]; logits float32 [B, N, V], those each
-  token was chosen from; is_open bool [L, B, N - 1], the gate at each decoding step (the
-  last token is chosen but not fed)."""
+  token was chosen from; is_open bool [L, B, N], the gate of each layer at each token;
+  next_logits float32 [B, V] after the last token; cache, filled up to the last token's
+  position."""
 
   tokens: jax.Array
   logits: jax.Array
   is_open: jax.Array
+  next_logits: jax.Array
+  cache: tuple[LayerCache, ...]
 
 
 def capacity_ladder(config: TGNConfig, seq_len: int, **options) -> CapacityLadder:
@@ -254,21 +266,20 @@ def _apply(graph_def, state, tokens_BT, rng, stats, capacity):
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _prefill(graph_def, state, prompt_BP, cache_len: int, capacity: float):
-  """(last logits float32 [B, V], ModelAux, stacked caches of cache_len positions)."""
+  """(last logits float32 [B, V], ModelAux, per-layer caches of cache_len positions)."""
   model: TGNLM = nnx.merge(graph_def, state)
-  cache = model.init_cache(prompt_BP.shape[0], cache_len)
-  logits, aux, caches = model._forward(prompt_BP, rng=None, stats=None, capacity=capacity,
-                                       cache=cache, last_logits_only=True)
+  empty = model._empty_cache(prompt_BP.shape[0], cache_len)
+  logits, aux, stacked = model._forward(prompt_BP, rng=None, stats=None, capacity=capacity,
+                                        cache=empty, last_logits_only=True)
+  # One LayerCache per layer, so that decoding updates each in place.
+  caches = tuple(jax.tree.map(lambda c: c[i], stacked) for i in range(model.config.n_layers))
   return logits[:, -1], aux, caches
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8))
-def _decode(graph_def, state, stacked_caches, logits_BV, position, key, temperature,
-            steps: int, sample: bool) -> Decoded:
+def _decode_steps(graph_def, state, caches, logits_BV, position, key, temperature,
+                  steps: int, sample: bool) -> Decoded:
   model: TGNLM = nnx.merge(graph_def, state)
   cfg = model.config
-  # Unstack once, outside the decode loop, so each step updates its caches in place.
-  caches = tuple(jax.tree.map(lambda c: c[i], stacked_caches) for i in range(cfg.n_layers))
   block_def, block_state = nnx.split(model.blocks)
   block_state = _cast_matrices(block_state, cfg.compute_dtype)
   blocks = [nnx.merge(block_def, jax.tree.map(lambda p: p[i], block_state))
@@ -293,14 +304,15 @@ def _decode(graph_def, state, stacked_caches, logits_BV, position, key, temperat
     return (model._logits(x)[:, 0], tuple(new_caches), key), (token_B, logits_BV,
                                                               jnp.stack(is_open))
 
-  # The last step's logits choose the last token; its own decoding step is not needed.
-  (last_logits, _, key), (tokens_NB, logits_NBV, open_NLB) = jax.lax.scan(
-      decode, (logits_BV, caches, key), jnp.arange(steps - 1, dtype=jnp.int32))
-  last = pick(last_logits, jax.random.split(key)[1])  # the key decode() would have used
-  return Decoded(
-      tokens=jnp.concatenate([tokens_NB.T, last[:, None]], axis=1),
-      logits=jnp.concatenate([jnp.moveaxis(logits_NBV, 0, 1), last_logits[:, None]], axis=1),
-      is_open=jnp.transpose(open_NLB, (1, 2, 0)))
+  (next_logits, caches, _), (tokens_NB, logits_NBV, open_NLB) = jax.lax.scan(
+      decode, (logits_BV, caches, key), jnp.arange(steps, dtype=jnp.int32))
+  return Decoded(tokens=tokens_NB.T, logits=jnp.moveaxis(logits_NBV, 0, 1),
+                 is_open=jnp.transpose(open_NLB, (1, 2, 0)), next_logits=next_logits,
+                 cache=caches)
+
+
+_decode = jax.jit(_decode_steps, static_argnums=(0, 7, 8))
+_decode_donating = jax.jit(_decode_steps, static_argnums=(0, 7, 8), donate_argnums=(2,))
 
 
 def _cast_matrices(block_state, dtype):
