@@ -3,8 +3,13 @@
 import numpy as np
 
 
-def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=True):
-  """Float64 NumPy reference: (out [B,Tq,N,H], dict of observables [B,Tq,N]). For tests."""
+def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=True,
+                           kv_positions=None, q_lengths=None, kv_lengths=None):
+  """Float64 NumPy reference: (out [B,Tq,N,H], dict of observables [B,Tq,N]). For tests.
+
+  Key j is visible to query i iff kv_positions[j] <= q_positions[i] (causal), both within
+  their row's length. A query that sees no key has output 0 and NaN observables.
+  """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   batch, q_len, n_heads, _ = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
@@ -13,17 +18,26 @@ def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=Tru
   temp = np.broadcast_to(np.asarray(temperature, np.float64), (n_heads,))
   energy = -np.einsum("bqnh,bsnh->bnqs", q, k)
   logits = -energy / temp[None, :, None, None]
+  kv_pos = (np.arange(k_len)[None] + np.zeros((batch, 1), int) if kv_positions is None
+            else np.asarray(kv_positions))
   if q_positions is None:
-    q_positions = np.arange(q_len)[None] + (k_len - q_len) + np.zeros((batch, 1), int)
-  visible = np.ones((batch, 1, q_len, k_len), bool)
+    q_positions = kv_pos[:, k_len - q_len:]
+  visible = np.ones((batch, q_len, k_len), bool)
   if is_causal:
-    visible = (np.arange(k_len)[None, None, :] <= np.asarray(q_positions)[:, :, None])[:, None]
+    visible = kv_pos[:, None, :] <= np.asarray(q_positions)[:, :, None]
+  if q_lengths is not None:
+    visible &= (np.arange(q_len)[None, :] < np.asarray(q_lengths)[:, None])[:, :, None]
+  if kv_lengths is not None:
+    visible &= (np.arange(k_len)[None, :] < np.asarray(kv_lengths)[:, None])[:, None, :]
+  visible = visible[:, None]
   logits = np.where(visible, logits, -np.inf)
-  m = logits.max(-1, keepdims=True)
-  w = np.exp(logits - m)
+  seen = visible.any(-1, keepdims=True)
+  m = np.where(seen, logits.max(-1, keepdims=True), 0.0)
+  w = np.where(visible, np.exp(logits - m), 0.0)
   z = w.sum(-1, keepdims=True)
-  p = w / z
-  log_z = (m + np.log(z))[..., 0]
+  p = w / np.where(seen, z, 1.0)
+  with np.errstate(divide="ignore"):
+    log_z = (m + np.log(z))[..., 0]
   e0 = np.where(visible, energy, 0.0)
   u = (p * e0).sum(-1)
   s = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(-1)
@@ -32,6 +46,7 @@ def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=Tru
   out = np.einsum("bnqs,bsnh->bqnh", p, v)
   stats = dict(log_partition=log_z, free_energy=-t * log_z, internal_energy=u, entropy=s,
                specific_heat=var / t**2)
+  stats = {name: np.where(seen[..., 0], x, np.nan) for name, x in stats.items()}
   return out, {name: np.moveaxis(x, 1, 2) for name, x in stats.items()}
 
 

@@ -18,6 +18,10 @@ from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from tgn_jax.ops import flash
+from tgn_jax.ops.flash import FlashBlocks
 
 Array = jax.Array
 
@@ -52,10 +56,12 @@ def gibbs_attention(
     temperature: Union[None, float, Array] = None,
     is_causal: bool = True,
     q_positions: Optional[Array] = None,
+    kv_positions: Optional[Array] = None,
     q_lengths: Optional[Array] = None,
     kv_lengths: Optional[Array] = None,
     return_stats: bool = False,
     implementation: Optional[str] = None,
+    blocks: Optional[FlashBlocks] = None,
 ):
   """Causal softmax attention at temperature T, optionally with its observables.
 
@@ -64,61 +70,79 @@ def gibbs_attention(
     k, v: keys and values [B, Tk, K, H]; N must be a multiple of K.
     temperature: None for sqrt(H), a scalar, or a per-head [N] array; may be traced
       (gradients flow to it).
-    is_causal: key j is visible to query i iff j <= q_positions[b, i].
-    q_positions: int [B, Tq] absolute query positions (gathered queries, decoding).
-      Default: the last Tq positions, arange(Tq) + Tk - Tq (bottom-right aligned, unlike
-      the top-left `is_causal` of jax.nn.dot_product_attention when Tq < Tk).
+    is_causal: key j is visible to query i iff kv_positions[b, j] <= q_positions[b, i].
+    q_positions: int [B, Tq] query positions (gathered queries, decoding). Default: the
+      last Tq key positions (bottom-right aligned, unlike the top-left `is_causal` of
+      jax.nn.dot_product_attention and torch when Tq < Tk).
+    kv_positions: int [B, Tk] key positions. Default: arange(Tk).
+      Positions increase along each row (checked where the values are concrete).
     q_lengths: int [B], query slots held per row; slots i >= q_lengths[b] are padding:
-      their outputs are zero (and cuDNN skips them). Default: every slot.
-    kv_lengths: int [B], keys per row; keys j >= kv_lengths[b] are invisible (and cuDNN
-      does not read them). Default: every key.
-    return_stats: also return ThermoStats (float32 [B, Tq, N]; NaN at padding slots and
-      at queries that see no key).
-    implementation: "xla", "cudnn" or None (cuDNN on GPU for 16-bit inputs, else XLA).
+      their outputs are zero (and cuDNN and the Pallas kernel skip them).
+    kv_lengths: int [B], keys per row; keys j >= kv_lengths[b] are invisible and unread.
+    return_stats: also return ThermoStats (float32 [B, Tq, N]; NaN at queries that see
+      no key), computed by attention_stats in an extra pass.
+    implementation: "xla", "cudnn", "pallas" (tgn_jax.ops.flash: skips the tiles no
+      query sees, in the forward and both backward kernels; interpret mode off GPU) or
+      None (cuDNN on GPU for 16-bit inputs, else XLA).
+    blocks: tile sizes of the "pallas" implementation (default FlashBlocks()).
 
   Returns:
     out [B, Tq, N, H] in q's dtype, or (out, ThermoStats) if return_stats. A query that
-    sees no key (padding, or kv_lengths 0) has output zero.
+    sees no key (padding, kv_lengths 0, or every key after it) has output zero.
   """
   batch, q_len, n_heads, head_dim = _check_qkv(q, k, v)
   k_len = k.shape[1]
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
-  q_positions = _check_positions(q_positions, batch, q_len, k_len)
+  q_positions = _check_positions("q_positions", q_positions, batch, q_len, q_lengths)
+  kv_positions = _check_positions("kv_positions", kv_positions, batch, k_len, kv_lengths)
   q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
   kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
   impl = _resolve_implementation(implementation, q.dtype, head_dim)
+  if blocks is not None and impl != "pallas":
+    raise ValueError(f"blocks are for implementation='pallas', got {impl!r}")
 
   q_scaled = (q.astype(jnp.float32) / temperature_N[:, None]).astype(q.dtype)
-  mask = None
-  plain_causal = is_causal and q_positions is None and q_len == k_len
-  if is_causal and not plain_causal:
-    positions = q_positions if q_positions is not None else default_positions(batch, q_len, k_len)
-    mask = (jnp.arange(k_len)[None, None, :] <= positions[:, :, None])[:, None]
-  out = jax.nn.dot_product_attention(
-      q_scaled, k, v, mask=mask, scale=1.0, is_causal=plain_causal,
-      query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, implementation=impl)
-  answered = _answered_queries(batch, q_len, q_lengths, kv_lengths)
-  if answered is not None:
-    out = jnp.where(answered[:, :, None, None], out, jnp.zeros((), out.dtype))
+  q_pos, kv_pos = encode_positions(batch, q_len, k_len, is_causal=is_causal,
+                                   q_positions=q_positions, kv_positions=kv_positions,
+                                   q_lengths=q_lengths, kv_lengths=kv_lengths)
+  if impl == "pallas":
+    out, _ = flash.flash_attention(q_scaled, k, v, q_pos, kv_pos,
+                                   blocks=blocks or flash.FlashBlocks())
+  else:
+    plain = (is_causal and q_positions is None and kv_positions is None and q_len == k_len)
+    masked = not plain and (is_causal or q_positions is not None or kv_positions is not None)
+    mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None] if masked else None
+    out = jax.nn.dot_product_attention(
+        q_scaled, k, v, mask=mask, scale=1.0, is_causal=plain,
+        query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, implementation=impl)
+    if masked or q_lengths is not None or kv_lengths is not None:
+      answered = kv_pos[:, :1] <= q_pos  # the first key is the smallest: anything visible?
+      out = jnp.where(answered[:, :, None, None], out, jnp.zeros((), out.dtype))
   if not return_stats:
     return out
-  stats = attention_stats(
-      q, k, temperature=temperature_N, is_causal=is_causal, q_positions=q_positions,
-      q_lengths=q_lengths, kv_lengths=kv_lengths)
+  stats = _stats(q, k, temperature_N, q_pos, kv_pos)
   return out, stats
 
 
-def _answered_queries(batch: int, q_len: int, q_lengths, kv_lengths) -> Optional[Array]:
-  """bool [B, Tq]: the query slot is within its row's length and its row has a key
-  (causal queries always see key 0, at the smallest position), or None if all are."""
-  if q_lengths is None and kv_lengths is None:
-    return None
-  answered = jnp.ones((batch, q_len), bool)
+def encode_positions(batch: int, q_len: int, k_len: int, *, is_causal: bool = True,
+                     q_positions=None, kv_positions=None, q_lengths=None, kv_lengths=None
+                     ) -> tuple[Array, Array]:
+  """The visibility of every key to every query as one rule, int32 [B, Tq] and [B, Tk]:
+  key j is visible to query i iff kv_pos[j] <= q_pos[i]. Padding query slots are at
+  flash.PAD_QUERY, unread keys at flash.PAD_KEY, non-causal queries at flash.ALL_KEYS."""
+  if kv_positions is None:
+    kv_positions = jnp.broadcast_to(jnp.arange(k_len, dtype=jnp.int32), (batch, k_len))
+  if q_positions is None:
+    q_positions = (kv_positions[:, k_len - q_len:] if q_len <= k_len else
+                   default_positions(batch, q_len, k_len))
+  q_pos = q_positions.astype(jnp.int32) if is_causal else jnp.full((batch, q_len), flash.ALL_KEYS,
+                                                                   jnp.int32)
+  kv_pos = kv_positions.astype(jnp.int32)
   if q_lengths is not None:
-    answered &= jnp.arange(q_len)[None, :] < q_lengths[:, None]
+    q_pos = jnp.where(jnp.arange(q_len)[None, :] < q_lengths[:, None], q_pos, flash.PAD_QUERY)
   if kv_lengths is not None:
-    answered &= (kv_lengths > 0)[:, None]
-  return answered
+    kv_pos = jnp.where(jnp.arange(k_len)[None, :] < kv_lengths[:, None], kv_pos, flash.PAD_KEY)
+  return q_pos, kv_pos
 
 
 def attention_stats(
@@ -128,6 +152,7 @@ def attention_stats(
     temperature: Union[None, float, Array] = None,
     is_causal: bool = True,
     q_positions: Optional[Array] = None,
+    kv_positions: Optional[Array] = None,
     q_lengths: Optional[Array] = None,
     kv_lengths: Optional[Array] = None,
     key_chunk: int = 1024,
@@ -138,19 +163,28 @@ def attention_stats(
   Streams over key blocks (online max, partition sum, mean and variance merged with
   Chan's parallel formula), so memory is O(query_chunk * key_chunk) per head and the
   variance is computed without cancellation. Masked keys are excluded exactly. The
-  arguments mean what they mean in gibbs_attention; unanswered queries are NaN.
+  arguments mean what they mean in gibbs_attention; queries that see no key are NaN.
   """
   batch, q_len, n_heads, head_dim = _check_qkv(q, k, k)
-  k_len, kv_heads = k.shape[1], k.shape[2]
-  group = n_heads // kv_heads
+  k_len = k.shape[1]
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
-  q_positions = _check_positions(q_positions, batch, q_len, k_len)
+  q_positions = _check_positions("q_positions", q_positions, batch, q_len, q_lengths)
+  kv_positions = _check_positions("kv_positions", kv_positions, batch, k_len, kv_lengths)
   q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
   kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
-  key_limit_B = kv_lengths if kv_lengths is not None else jnp.full((batch,), k_len, jnp.int32)
-  if q_positions is None:
-    q_positions = default_positions(batch, q_len, k_len)
+  q_pos, kv_pos = encode_positions(batch, q_len, k_len, is_causal=is_causal,
+                                   q_positions=q_positions, kv_positions=kv_positions,
+                                   q_lengths=q_lengths, kv_lengths=kv_lengths)
+  return _stats(q, k, temperature_N, q_pos, kv_pos, key_chunk=key_chunk,
+                query_chunk=query_chunk)
 
+
+def _stats(q, k, temperature_N, q_pos, kv_pos, *, key_chunk: int = 1024,
+           query_chunk: int = 1024) -> ThermoStats:
+  """attention_stats on encoded positions (see encode_positions)."""
+  batch, q_len, n_heads, head_dim = q.shape
+  k_len, kv_heads = k.shape[1], k.shape[2]
+  group = n_heads // kv_heads
   q_block = min(query_chunk, q_len)
   k_block = min(key_chunk, k_len)
   q_pad = -q_len % q_block
@@ -159,33 +193,31 @@ def attention_stats(
   q_BQKGH = (q.astype(jnp.float32) / temperature_N[:, None]).reshape(
       batch, q_len, kv_heads, group, head_dim)
   q_BQKGH = jnp.pad(q_BQKGH, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
-  pos_BQ = jnp.pad(q_positions, ((0, 0), (0, q_pad)), constant_values=k_len - 1)
+  pos_BQ = jnp.pad(q_pos, ((0, 0), (0, q_pad)), constant_values=flash.PAD_QUERY)
   k_BSKH = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, 0)))
+  kv_pos_BS = jnp.pad(kv_pos, ((0, 0), (0, k_pad)), constant_values=flash.PAD_KEY)
   n_q_blocks = (q_len + q_pad) // q_block
   n_k_blocks = (k_len + k_pad) // k_block
   # Blocks first, for lax.map / lax.scan.
   q_blocks = jnp.moveaxis(q_BQKGH.reshape(batch, n_q_blocks, q_block, kv_heads, group, head_dim), 1, 0)
   pos_blocks = jnp.moveaxis(pos_BQ.reshape(batch, n_q_blocks, q_block), 1, 0)
   k_blocks = jnp.moveaxis(k_BSKH.reshape(batch, n_k_blocks, k_block, kv_heads, head_dim), 1, 0)
+  kv_pos_blocks = jnp.moveaxis(kv_pos_BS.reshape(batch, n_k_blocks, k_block), 1, 0)
 
   def one_query_block(args):
     q_bqkgh, pos_bq = args
 
     def merge_key_block(carry, block):
-      k_bskh, start = block
+      k_bskh, kv_pos_bs = block
       s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh.astype(jnp.float32),
                      preferred_element_type=jnp.float32)
-      key_pos = start + jnp.arange(k_block)
-      visible = (key_pos[None, :] < key_limit_B[:, None])[:, None, :]  # [B, 1, s]
-      if is_causal:
-        visible = visible & (key_pos[None, None, :] <= pos_bq[:, :, None])  # [B, q, s]
+      visible = kv_pos_bs[:, None, :] <= pos_bq[:, :, None]  # [B, q, s]
       visible = jnp.broadcast_to(visible[:, None, None], s.shape)
       return _merge_moments(carry, _block_moments(s, visible)), None
 
     shape = (batch, kv_heads, group, q_block)
     init = (jnp.full(shape, _NEG), jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape))
-    starts = jnp.arange(n_k_blocks) * k_block
-    (m, l, mean, m2), _ = jax.lax.scan(merge_key_block, init, (k_blocks, starts))
+    (m, l, mean, m2), _ = jax.lax.scan(merge_key_block, init, (k_blocks, kv_pos_blocks))
     return m, l, mean, m2
 
   m, l, mean, m2 = jax.lax.map(one_query_block, (q_blocks, pos_blocks))
@@ -195,19 +227,18 @@ def attention_stats(
     return jnp.moveaxis(x.reshape(batch, n_heads, -1), 1, 2)[:, :q_len]
 
   m, l, mean, m2 = map(to_BQN, (m, l, mean, m2))
-  log_z = m + jnp.log(l)
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  log_z = m + jnp.log(l_safe)
   t = temperature_N[None, None, :]
   stats = ThermoStats(
       log_partition=log_z,
       free_energy=-t * log_z,
       internal_energy=-t * mean,
       entropy=log_z - mean,
-      specific_heat=m2 / l,
+      specific_heat=m2 / l_safe,
   )
-  answered = _answered_queries(batch, q_len, q_lengths, kv_lengths)
-  if answered is None:
-    return stats
-  return jax.tree.map(lambda x: jnp.where(answered[..., None], x, jnp.nan), stats)
+  return jax.tree.map(lambda x: jnp.where(seen, x, jnp.nan), stats)
 
 
 def _block_moments(s: Array, visible: Array):
@@ -274,15 +305,25 @@ def _check_temperature(temperature, n_heads: int, head_dim: int) -> Array:
   return jnp.broadcast_to(temperature, (n_heads,))
 
 
-def _check_positions(q_positions, batch: int, q_len: int, k_len: int):
-  if q_positions is None:
+def _check_positions(name: str, positions, batch: int, length: int, lengths=None):
+  """Positions as int32 [B, T]; concrete values must increase along each row (within
+  the row's length when one is given)."""
+  if positions is None:
     return None
-  if not jnp.issubdtype(jnp.asarray(q_positions).dtype, jnp.integer):
-    raise TypeError(f"q_positions must be integer, got {jnp.asarray(q_positions).dtype}")
-  if q_positions.shape != (batch, q_len):
-    raise ValueError(
-        f"q_positions must have shape [B, Tq] = ({batch}, {q_len}), got {q_positions.shape}")
-  return q_positions.astype(jnp.int32)
+  positions = jnp.asarray(positions)
+  if not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise TypeError(f"{name} must be integer, got {positions.dtype}")
+  if positions.shape != (batch, length):
+    raise ValueError(f"{name} must have shape [B, T] = ({batch}, {length}), got {positions.shape}")
+  if not isinstance(positions, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
+    values = np.asarray(positions, np.int64)
+    steps = np.diff(values, axis=1) < 0
+    if lengths is not None:
+      steps &= np.arange(1, length)[None, :] < np.asarray(lengths).reshape(-1, 1)
+    if steps.any():
+      row = int(np.argmax(steps.any(axis=1)))
+      raise ValueError(f"{name} must increase along each row; row {row} does not")
+  return positions.astype(jnp.int32)
 
 
 def _check_lengths(name: str, lengths, batch: int, limit: int):
@@ -295,15 +336,17 @@ def _check_lengths(name: str, lengths, batch: int, limit: int):
   if lengths.shape != (batch,):
     raise ValueError(f"{name} must have shape [B] = ({batch},), got {lengths.shape}")
   if not isinstance(lengths, jax.core.Tracer):
-    low, high = int(jnp.min(lengths)), int(jnp.max(lengths))
+    values = np.asarray(lengths)
+    low, high = int(values.min()), int(values.max())
     if low < 0 or high > limit:
       raise ValueError(f"{name} must lie in [0, {limit}], got values in [{low}, {high}]")
   return lengths.astype(jnp.int32)
 
 
 def _resolve_implementation(implementation, dtype, head_dim: int):
-  if implementation not in (None, "xla", "cudnn"):
-    raise ValueError(f"implementation must be 'xla', 'cudnn' or None, got {implementation!r}")
+  if implementation not in (None, "xla", "cudnn", "pallas"):
+    raise ValueError(
+        f"implementation must be 'xla', 'cudnn', 'pallas' or None, got {implementation!r}")
   if implementation is not None:
     return implementation
   cudnn_ok = (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
