@@ -91,6 +91,34 @@ def test_sparse_equals_dense_logits_and_gradients(bias, training):
         for go, gd in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads_d))))
 
 
+def test_pallas_kernel_in_the_model_equals_xla():
+  """The model routed through the Pallas kernel (interpret mode here) gives the XLA path's
+  logits and gradients, and decodes as its own forward pass does."""
+  kw = dict(gate_bias_init=-0.5, capacity_multiple=1)
+  model_def, params = functional.init(config(attention_impl="pallas", **kw), jax.random.key(0))
+  xla_def, _ = functional.init(config(attention_impl="xla", attention_execution="dense", **kw),
+                               jax.random.key(0))
+  toks = tokens(1)
+  weights = jax.random.normal(jax.random.key(3), (3, SEQ, VOCAB))
+
+  def loss(params, model_def, capacity):
+    logits, aux = functional.apply(model_def, params, toks, stats=None, capacity=capacity)
+    return jnp.sum(logits * weights), aux
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+  (value_x, aux), grads_x = grad(params, xla_def, 1.0)
+  capacity = max(float(aux.capacity_needed), 1 / 8)
+  (value_p, aux_p), grads_p = grad(params, model_def, capacity)
+  assert capacity < 1.0 and not bool(aux_p.overflow)
+  np.testing.assert_allclose(value_p, value_x, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_x)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(jnp.max(jnp.abs(b)))))
+  model = nnx.merge(model_def, params)
+  generated, logits = model.generate(tokens(2, seq_len=6), 6, return_logits=True)
+  full, _ = model(generated, stats=None)
+  np.testing.assert_allclose(logits, full[:, 5:-1], rtol=1e-5, atol=1e-5)
+
+
 def test_eager_call_redoes_an_overflowing_capacity():
   """Called eagerly, the model routes at the smallest capacity bucket that holds the tokens:
   after a call that overflows it recomputes, so the result always equals dense execution."""

@@ -17,7 +17,7 @@ MIXERS = ("tgn", "attention", "recurrent")
 RECURRENCES = ("mingru", "gru")
 GATE_MODES = ("soft", "hard", "open", "closed")
 EXECUTIONS = ("sparse", "dense")
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -53,6 +53,9 @@ class TGNConfig:
     segment's queries read only the keys up to its end (causal work saved, at a fixed
     cost per segment; one segment was faster up to T=8192 at open rates <= 0.25 on an
     H200, see benchmarks/RESULTS.md).
+  attention_impl: None (cuDNN on GPU for 16-bit compute, else XLA), "xla", "cudnn", or
+    "pallas" (tgn_jax.ops.flash: positions on both sides, skips the tiles no query sees;
+    interpret mode off GPU, slow there).
   capacity_multiple: capacities are rounded up to a multiple of this (a GPU tile);
     short sequences then have few distinct capacities (few compilations), and a
     capacity that rounds up to the whole segment computes attention densely.

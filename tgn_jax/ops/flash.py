@@ -74,6 +74,10 @@ def flash_attention(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, *
     interpret = jax.default_backend() != "gpu"
   batch, q_len, n_heads, head_dim = q.shape
   k_len = k.shape[1]
+  # Few queries (decoding: one): query tiles no larger than needed.
+  fit = max(16, _next_power_of_2(q_len))
+  blocks = dataclasses.replace(blocks, block_q=min(blocks.block_q, fit),
+                               block_q_bwd=min(blocks.block_q_bwd, fit))
   q_tile = max(blocks.block_q, blocks.block_q_bwd)
   k_tile = max(blocks.block_k, blocks.block_k_bwd)
   q_pad, k_pad = -q_len % q_tile, -k_len % k_tile
