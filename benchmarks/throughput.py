@@ -60,7 +60,8 @@ def main(argv=None):
   parser.add_argument("--heads", type=int, default=12)
   parser.add_argument("--vocab", type=int, default=50304)
   parser.add_argument("--exploration", type=float, default=TGNConfig(vocab_size=1).exploration,
-                      help="fraction of closed-gate tokens whose attention is computed in training")
+                      help="closed-gate attention computed in training, as a fraction of the "
+                           "open tokens' attention work (TGNConfig.exploration)")
   parser.add_argument("--remat", action="store_true", help="rematerialise each layer")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--repeats", type=int, default=10)

@@ -141,6 +141,30 @@ def test_lengths_pad_queries_and_hide_keys():
   assert np.all(np.isfinite(np.asarray(g))) and not np.any(np.asarray(g[2]))
 
 
+def test_cudnn_gets_even_lengths_with_a_mask(monkeypatch):
+  """cuDNN's backward with a bias needs even query and key lengths: odd ones are padded
+  with a slot and a key that the lengths keep unread (checked here with XLA standing in
+  for cuDNN)."""
+  q, k, v = qkv(16, q_len=5, k_len=7)
+  expected = gibbs_attention(q, k, v, q_positions=jnp.array([[1, 2, 3, 5, 6]] * 2),
+                             implementation="xla")
+  seen = []
+  original = jax.nn.dot_product_attention
+
+  def as_xla(q, k, v, *, implementation=None, **kwargs):
+    seen.append((q.shape[1], k.shape[1], kwargs["query_seq_lengths"],
+                 kwargs["key_value_seq_lengths"]))
+    return original(q, k, v, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+  got = gibbs_attention(q, k, v, q_positions=jnp.array([[1, 2, 3, 5, 6]] * 2),
+                        implementation="cudnn")
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  (q_len, k_len, q_lengths, kv_lengths), = seen
+  assert (q_len, k_len) == (6, 8)
+  np.testing.assert_array_equal(q_lengths, [5, 5]) and np.testing.assert_array_equal(kv_lengths, [7, 7])
+
+
 def test_default_positions_are_the_last_queries():
   q, k, v = qkv(7, q_len=3, k_len=10)
   out = gibbs_attention(q, k, v)

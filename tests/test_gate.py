@@ -37,6 +37,33 @@ def test_exploration_only_among_closed_tokens():
   assert not bool(jnp.any(gate_ops.exploration_mask(closed, 0.0, jax.random.key(2))))
 
 
+def test_attention_over_gathered_open_keys_equals_masked_dense_attention():
+  """kv="open": queries attending the open tokens' keys gathered with their positions
+  equal dense causal attention in which closed keys are masked out (an independent
+  boolean mask), in values and gradients."""
+  batch, seq_len, heads, head_dim = 3, 24, 2, 8
+  kq, kk, kv, ko = jax.random.split(jax.random.key(11), 4)
+  q, k, v = (jax.random.normal(key, (batch, seq_len, heads, head_dim)) for key in (kq, kk, kv))
+  is_open = jax.random.bernoulli(ko, 0.3, (batch, seq_len)).at[:, 0].set(True)
+  rows = jnp.arange(batch)[:, None]
+
+  def gathered(q, k, v):
+    slots = gate_ops.token_slots(is_open, 16)
+    return gibbs_attention(q, k[rows, slots.positions_BC], v[rows, slots.positions_BC],
+                           q_positions=jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)),
+                           kv_positions=slots.positions_BC, kv_lengths=slots.lengths_B)
+
+  def masked(q, k, v):
+    mask = (jnp.tril(jnp.ones((seq_len, seq_len), bool))[None] & is_open[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+  np.testing.assert_allclose(gathered(q, k, v), masked(q, k, v), rtol=1e-5, atol=1e-6)
+  w = jax.random.normal(jax.random.key(12), q.shape)
+  for a, b in zip(jax.grad(lambda *x: jnp.sum(gathered(*x) * w), argnums=(0, 1, 2))(q, k, v),
+                  jax.grad(lambda *x: jnp.sum(masked(*x) * w), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_exploration_fraction_is_a_budget_relative_to_the_open_tokens():
   is_open = jnp.zeros((4, 100), bool).at[:, :10].set(True)  # 10% open
   fraction = gate_ops.exploration_fraction(is_open, 0.05, 0.002)
@@ -213,6 +240,10 @@ def test_capacity_ladder_moves_up_at_once_and_down_after_a_window():
   resumed = gate_ops.CapacityLadder((0.125, 0.25, 0.5, 1.0), headroom=0.1, window=3,
                                     recent=ladder.recent)
   assert resumed.recent == ladder.recent and resumed.current == ladder.current
+  # An overflow whose reported need is too low (later layers saw wrong activations)
+  # still moves the ladder up, so redoing ends.
+  low = gate_ops.CapacityLadder((0.125, 0.25, 0.5, 1.0), headroom=0.0, recent=[0.25])
+  assert low.observe(True, 0.2) and low.current == 0.5
   for bad in [(0.5,), (0.5, 0.25, 1.0), (0.0, 1.0), ()]:
     with pytest.raises(ValueError, match="fractions"):
       gate_ops.CapacityLadder(bad)

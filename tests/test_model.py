@@ -24,7 +24,8 @@ def tokens(seed, batch=3, seq_len=SEQ):
 
 
 MODES = [dict(mixer="tgn", gate=g, recurrence=r) for g in ("hard", "soft", "open", "closed")
-         for r in ("mingru", "gru")] + [dict(mixer="attention"), dict(mixer="recurrent")]
+         for r in ("mingru", "gru")] + [dict(mixer="attention"), dict(mixer="recurrent"),
+                                        dict(mixer="tgn", gate="hard", kv="open")]
 
 
 def mode_id(mode):
@@ -34,14 +35,17 @@ def mode_id(mode):
 # ---------------------------------------------------------------------------- execution
 
 
-@pytest.mark.parametrize("bias, training", [(-0.5, False), (-0.5, True), (-3.0, False), (-3.0, True),
-                                            (30.0, False)],
-                         ids=["random", "random-train", "all_closed", "all_closed-train", "all_open"])
-def test_sparse_equals_dense_logits_and_gradients(bias, training):
+@pytest.mark.parametrize("bias, training, kv", [
+    (-0.5, False, "all"), (-0.5, True, "all"), (-3.0, False, "all"), (-3.0, True, "all"),
+    (30.0, False, "all"), (-0.5, False, "open"), (-0.5, True, "open"), (30.0, False, "open")],
+    ids=["random", "random-train", "all_closed", "all_closed-train", "all_open",
+         "kv_open-random", "kv_open-random-train", "kv_open-all_open"])
+def test_sparse_equals_dense_logits_and_gradients(bias, training, kv):
   """Routed at the smallest capacity that holds the busiest row (so that row's count is
   exactly the capacity), sparse execution equals dense; one slot less overflows and says so."""
   kw = dict(gate="hard", gate_bias_init=bias, exploration=0.5 if training else 0.0,
-            exploration_floor=0.25, gate_sampling=training and bias > -3, capacity_multiple=1)
+            exploration_floor=0.25, gate_sampling=training and bias > -3, capacity_multiple=1,
+            kv=kv)
   sparse_def, params = functional.init(config(attention_execution="sparse", **kw), jax.random.key(0))
   dense_def, dense_params = functional.init(config(attention_execution="dense", **kw), jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, params, dense_params)
@@ -146,6 +150,21 @@ def test_eager_call_redoes_an_overflowing_capacity():
   np.testing.assert_allclose(logits, dense(many), rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_never_keeps_an_overflow():
+  """A prefill at an explicit capacity too small for the prompt is redone (its cache is
+  kept, so nothing may be left out); under a transformation such a capacity is refused."""
+  model = TGNLM(config(gate_bias_init=3.0, capacity_multiple=1, max_seq_len=64,
+                       segment_len=64), rngs=nnx.Rngs(6))
+  prompt = tokens(41, batch=2, seq_len=48)
+  exact, exact_cache = model.prefill(prompt, 50, capacity=1.0)
+  small, small_cache = model.prefill(prompt, 50, capacity=0.125)
+  np.testing.assert_allclose(small, exact, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(small_cache), jax.tree.leaves(exact_cache)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="cannot check for overflow"):
+    jax.jit(lambda t: model.prefill(t, 50, capacity=0.5))(prompt)
+
+
 def test_compiled_training_gradient_and_generate_hold_no_conditional():
   cfg = config(n_layers=3, max_seq_len=64, segment_len=16, capacity_multiple=4,
                gate_bias_init=0.0)
@@ -162,6 +181,10 @@ def test_compiled_training_gradient_and_generate_hold_no_conditional():
   generate = jax.jit(lambda p, t: nnx.merge(model_def, p).generate(t, 10))
   hlo = generate.lower(params, toks[:, :20]).compile().as_text()
   assert hlo.count(" conditional(") == 0
+  from tgn_jax.nn import model as model_module  # a routed prefill, as eager calls run it
+  graph_def, state = nnx.split(nnx.merge(model_def, params))
+  hlo = model_module._prefill.lower(graph_def, state, toks, 60, 0.5).compile().as_text()
+  assert hlo.count(" conditional(") == 0 and "gather" in hlo
 
 
 # ---------------------------------------------------------------------------- causality
@@ -186,6 +209,7 @@ def test_causality(mode):
 
 @pytest.mark.parametrize("mode", [dict(mixer="tgn", gate="hard", recurrence="mingru"),
                                   dict(mixer="tgn", gate="hard", recurrence="gru"),
+                                  dict(mixer="tgn", gate="hard", recurrence="mingru", kv="open"),
                                   dict(mixer="tgn", gate="soft", recurrence="mingru"),
                                   dict(mixer="attention"), dict(mixer="recurrent")], ids=mode_id)
 def test_greedy_generate_equals_iterated_forward(mode):
@@ -204,9 +228,32 @@ def test_greedy_generate_equals_iterated_forward(mode):
   scale = float(jnp.max(jnp.abs(full)))
   np.testing.assert_allclose(logits, full[:, prompt_len - 1:-1], rtol=1e-5, atol=1e-5 * scale)
   if mode.get("gate") == "hard":
-    decoded_open = np.asarray(aux.is_open[:, :, prompt_len:-1])  # [L, B, steps]
-    mixed = decoded_open.any(axis=1) & ~decoded_open.all(axis=1)
+    logits_BV, cache = model.prefill(prompt, prompt_len + new)
+    decoded = model.decode(cache, logits_BV, prompt_len, new)
+    np.testing.assert_array_equal(decoded.tokens, generated[:, prompt_len:])
+    is_open = np.asarray(decoded.is_open[:, :, 1:])  # [L, B, steps]: the decoding steps' own
+    np.testing.assert_array_equal(is_open, np.asarray(aux.is_open[:, :, prompt_len + 1:]))
+    mixed = is_open.any(axis=1) & ~is_open.all(axis=1)
     assert mixed.any(), "no decoding step had open and closed rows together"
+
+
+def test_kv_open_cache_holds_open_tokens_only():
+  """With kv="open" a prefilled cache holds the prompt's open tokens (in the routing
+  capacity) plus a slot per token to come; its positions are theirs."""
+  model = TGNLM(config(kv="open", gate_bias_init=-0.5, max_seq_len=64, segment_len=64,
+                       capacity_multiple=1), rngs=nnx.Rngs(2))
+  prompt = tokens(40, batch=3, seq_len=48)
+  _, aux = model(prompt, stats=None, capacity=1.0)
+  capacity = float(aux.capacity_needed)  # the busiest row's open tokens, exactly
+  assert capacity < 0.5
+  _, cache = model.prefill(prompt, 56, capacity=capacity)
+  is_open = np.asarray(aux.is_open)  # [L, B, T]
+  for layer, c in enumerate(cache):
+    counts = is_open[layer].sum(axis=1)
+    np.testing.assert_array_equal(c.count, counts)
+    assert c.k.shape[1] < 56 and c.k.shape[1] >= counts.max() + 8
+    for row in range(3):
+      np.testing.assert_array_equal(c.positions[row, :counts[row]], np.flatnonzero(is_open[layer, row]))
 
 
 def test_decoding_advances_one_position_per_step():
@@ -357,6 +404,8 @@ def test_count_params_matches_module_sizes():
     (dict(gate="half"), "gate must be one of"),
     (dict(recurrence="lstm"), "recurrence must be one of"),
     (dict(attention_execution="sparse", gate="soft"), "needs gate='hard'"),
+    (dict(kv="open", gate="soft"), "kv='open' needs mixer='tgn' and gate='hard'"),
+    (dict(kv="some"), "kv must be one of"),
     (dict(exploration=1.5), "exploration must be in"),
     (dict(exploration_floor=-0.1), "exploration_floor must be in"),
     (dict(temperature=-1.0), "temperature must be a positive number"),

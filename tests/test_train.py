@@ -177,6 +177,16 @@ def test_routed_run_resumes_exactly_and_matches_dense_execution(tmp_path, monkey
     assert rd["capacity"] == 1.0
 
 
+def test_kv_open_run_learns(tmp_path, capsys):
+  """kv="open" (closed tokens write no key/value) trains on MQAR far above chance."""
+  out = tmp_path / "run"
+  args = ["--kv=open", "--steps=250", "--eval_every=250", "--eval_examples=256",
+          "--no-progress", "--no-plots", f"--out={out}"]
+  assert run_main(args, capsys)[0] == 0
+  final = summary(out)["final"]
+  assert final["eval_accuracy"] > 10 / 32, final  # chance: one of 32 values
+
+
 def test_overflowing_step_changes_nothing_and_is_redone():
   import jax
   from tgn_jax.ops.gate import CapacityLadder

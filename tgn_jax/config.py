@@ -12,11 +12,13 @@ Mixer = Literal["tgn", "attention", "recurrent"]
 Recurrence = Literal["mingru", "gru"]
 GateMode = Literal["soft", "hard", "open", "closed"]
 Execution = Literal["sparse", "dense"]
+KeyValues = Literal["all", "open"]
 
 MIXERS = ("tgn", "attention", "recurrent")
 RECURRENCES = ("mingru", "gru")
 GATE_MODES = ("soft", "hard", "open", "closed")
 EXECUTIONS = ("sparse", "dense")
+KEY_VALUES = ("all", "open")
 IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -35,6 +37,9 @@ class TGNConfig:
   attention_execution: for the hard gate, "sparse" (gather the open tokens and
     compute attention for them only) or "dense" (attention everywhere, same
     mix). None picks "sparse" for the hard gate, "dense" otherwise.
+  kv: "all" (every token writes a key and value) or "open" (only tokens whose hard gate
+    is open do: attention runs among open tokens, its cost scales with the square of the
+    open rate, and the decoding cache holds open tokens only). "open" needs gate="hard".
   temperature: softmax temperature of every head. None = sqrt(head_dim), a
     positive float = fixed, "learned" = one learned temperature per head
     (initialised at sqrt(head_dim)).
@@ -76,6 +81,7 @@ class TGNConfig:
   gate_hidden: Optional[int] = None
   gate_bias_init: float = 0.0
   attention_execution: Optional[Execution] = None
+  kv: KeyValues = "all"
   capacity_buckets: tuple[float, ...] = (0.0625, 0.125, 0.15625, 0.1875, 0.25, 0.375, 0.5, 0.75,
                                          1.0)
   segment_len: int = 8192
@@ -113,6 +119,10 @@ class TGNConfig:
     _require_choice("attention_impl", self.attention_impl, IMPLEMENTATIONS)
     _require_choice("dtype", self.dtype, tuple(DTYPES))
     _require_choice("param_dtype", self.param_dtype, tuple(DTYPES))
+    _require_choice("kv", self.kv, KEY_VALUES)
+    if self.kv == "open" and not (self.mixer == "tgn" and self.gate == "hard"):
+      raise ValueError(f"kv='open' needs mixer='tgn' and gate='hard', got mixer={self.mixer!r}, "
+                       f"gate={self.gate!r}")
     if self.attention_execution == "sparse" and self.gate != "hard":
       raise ValueError(
           f"attention_execution='sparse' needs gate='hard', got gate={self.gate!r}")

@@ -50,14 +50,16 @@ class GibbsAttention(nnx.Module):
 
   def attend(self, x_BCD: jax.Array, positions_BC: jax.Array, k: jax.Array, v: jax.Array, *,
              mask: Literal["causal", "positions", "lengths"] = "positions",
-             q_lengths: Optional[jax.Array] = None, kv_lengths: Optional[jax.Array] = None,
-             return_stats: bool = False) -> tuple[jax.Array, Optional[ThermoStats]]:
+             q_lengths: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
+             kv_lengths: Optional[jax.Array] = None, return_stats: bool = False
+             ) -> tuple[jax.Array, Optional[ThermoStats]]:
     """Attention output [B, C, D] for queries at positions_BC over keys k, v [B, S, K, H].
 
     mask: "causal" (the queries are the whole sequence 0..S-1: plain causal masking, the
-      fast path), "positions" (gathered queries: key j is visible iff j <= position) or
-      "lengths" (decoding: row b sees its first kv_lengths[b] keys).
-    q_lengths / kv_lengths: int [B], as in gibbs_attention (padding slots, keys read).
+      fast path), "positions" (gathered queries: key j is visible iff its position,
+      kv_positions[j] or j, is <= the query's) or "lengths" (decoding: row b sees its
+      first kv_lengths[b] keys).
+    q_lengths / kv_positions / kv_lengths: as in gibbs_attention.
     Returns (output, zero where a query sees no key; ThermoStats [B, C, N] or None).
     """
     cfg = self.config
@@ -68,6 +70,7 @@ class GibbsAttention(nnx.Module):
     result = gibbs_attention(
         q, k, v, temperature=self.temperature(), is_causal=mask != "lengths",
         q_positions=positions_BC if mask == "positions" else None, q_lengths=q_lengths,
-        kv_lengths=kv_lengths, return_stats=return_stats, implementation=cfg.attention_impl)
+        kv_positions=kv_positions, kv_lengths=kv_lengths, return_stats=return_stats,
+        implementation=cfg.attention_impl)
     out, stats = result if return_stats else (result, None)
     return self.o_proj(out.reshape(batch, count, cfg.n_heads * cfg.head_dim)), stats

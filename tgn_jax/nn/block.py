@@ -9,10 +9,12 @@ from the config, into one of MIXES; one call serves training, prefill and decodi
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tgn_jax.config import TGNConfig
@@ -50,11 +52,36 @@ class LayerAux(NamedTuple):
 
 
 class LayerCache(NamedTuple):
-  """Decoding state of one layer: keys/values [B, S, K, H] and recurrent state f32 [B, D]."""
+  """Decoding state of one layer: keys/values [B, S, K, H] and recurrent state f32 [B, D].
+
+  kv="all": slot j holds position j. kv="open": slots hold the open tokens in order,
+  `positions` int32 [B, S] theirs and `count` int32 [B] how many slots are in use.
+  """
 
   k: Optional[jax.Array]
   v: Optional[jax.Array]
   state: Optional[jax.Array]
+  positions: Optional[jax.Array] = None
+  count: Optional[jax.Array] = None
+
+
+class Keys(NamedTuple):
+  """The keys and values a layer's queries attend: [B, S, K, H], their positions int32
+  [B, S] (None: slot j is position j), slots in use int32 [B] (None: all), and the
+  routing report of gathering them."""
+
+  k: jax.Array
+  v: jax.Array
+  positions: Optional[jax.Array]
+  lengths: Optional[jax.Array]
+  report: gate_ops.RouteReport
+
+
+_NO_REPORT = gate_ops.RouteReport(np.bool_(False), np.float32(0.0))
+
+
+def _merge_reports(a: gate_ops.RouteReport, b: gate_ops.RouteReport) -> gate_ops.RouteReport:
+  return gate_ops.RouteReport(a.overflow | b.overflow, jnp.maximum(a.needed, b.needed))
 
 
 class Block(nnx.Module):
@@ -90,27 +117,17 @@ class Block(nnx.Module):
     r = state = None
     if self.recurrence is not None:
       r, state = self.recurrence(h, None if cache is None else cache.state)
-    k = v = None
-    if self.attention is not None:
-      k, v = self.attention.keys_values(h, positions_BT)
-    if cache is not None:
-      if k is not None:
-        start = positions_BT[0, 0]
-        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), start, 1)
-        cache = LayerCache(k=write(cache.k, k), v=write(cache.v, v), state=state)
-        if decoding:  # prefill attends among its own tokens, a decoding step to the cache
-          k, v = cache.k, cache.v
-      else:
-        cache = LayerCache(k=None, v=None, state=state)
-
     prob, is_open, computed, explored_fraction = self._gate(r, key, h.shape[:2])
-    stats, report = None, gate_ops.RouteReport(jnp.bool_(False), jnp.float32(0.0))
-    a = None
+    stats, report, a = None, _NO_REPORT, None
     if self.attention is not None:
-      a, stats, report = self._attend(h, positions_BT, k, v, computed, decoding=decoding,
+      keys, cache = self._keys(h, positions_BT, is_open, cache, decoding=decoding,
+                               capacity=capacity)
+      a, stats, report = self._attend(h, positions_BT, keys, computed, decoding=decoding,
                                       return_stats=return_stats, capacity=capacity)
       if stats is not None:
         stats = jax.tree.map(lambda s: jnp.where(computed[..., None], s, jnp.nan), stats)
+    if cache is not None:
+      cache = cache._replace(state=state)
     y, gate = self._mix(r, a, prob, is_open, computed, explored_fraction)
     x = x_BTD + y.astype(x_BTD.dtype)
     x = x + self.mlp(self.norm_mlp(x))
@@ -118,6 +135,49 @@ class Block(nnx.Module):
                    stats_mask=is_open if self.mix == "hard" else computed, stats=stats,
                    overflow=report.overflow, needed=report.needed)
     return x, aux, cache
+
+  def _keys(self, h_BTD, positions_BT, is_open_BT, cache: Optional[LayerCache], *,
+            decoding: bool, capacity: float) -> tuple[Keys, Optional[LayerCache]]:
+    """The keys the queries attend, and the cache with this call's keys written in.
+
+    kv="all": every token's key; a prefill writes them at their positions and a decoding
+    step reads the cache up to its position. kv="open": the open tokens' keys only,
+    gathered into one capacity over the sequence (a prefill keeps them as the cache);
+    a decoding step appends an open token's key to its row of the cache.
+    """
+    cfg = self.config
+    k, v = self.attention.keys_values(h_BTD, positions_BT)
+    batch, seq_len = positions_BT.shape
+    if cfg.kv == "all":
+      if cache is None:
+        return Keys(k, v, None, None, _NO_REPORT), None
+      start = positions_BT[0, 0]
+      write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), start, 1)
+      cache = cache._replace(k=write(cache.k, k), v=write(cache.v, v))
+      if decoding:  # a decoding step reads the cache, a prefill attends among its own tokens
+        return Keys(cache.k, cache.v, None, None, _NO_REPORT), cache
+      return Keys(k, v, None, None, _NO_REPORT), cache
+    rows = jnp.arange(batch)[:, None]
+    if decoding:
+      opened = is_open_BT[:, 0]
+      slot = jnp.where(opened, cache.count, cache.k.shape[1])[:, None]  # closed: dropped
+      write = lambda c, x: c.at[rows, slot].set(x.astype(c.dtype), mode="drop")
+      cache = cache._replace(k=write(cache.k, k), v=write(cache.v, v),
+                             positions=write(cache.positions, positions_BT),
+                             count=cache.count + opened.astype(jnp.int32))
+      return Keys(cache.k, cache.v, cache.positions, cache.count, _NO_REPORT), cache
+    dense = cfg.execution == "dense" or gate_ops.computes_densely(
+        seq_len, capacity, cfg.segment_len, cfg.capacity_multiple)
+    key_capacity = seq_len if dense else gate_ops.capacity_tokens(seq_len, capacity,
+                                                                  cfg.capacity_multiple)
+    slots = gate_ops.token_slots(is_open_BT, key_capacity)
+    keys = Keys(k[rows, slots.positions_BC], v[rows, slots.positions_BC], slots.positions_BC,
+                slots.lengths_B, gate_ops.count_report(is_open_BT, capacity if not dense else 1.0,
+                                                       seq_len, cfg.capacity_multiple))
+    if cache is not None:  # prefill: the gathered keys are the cache
+      cache = LayerCache(k=keys.k, v=keys.v, state=None, positions=keys.positions,
+                         count=keys.lengths)
+    return keys, cache
 
   def _gate(self, r_BTD, key, shape):
     """(open probability float32 [B, T], open bool [B, T], attention computed bool [B, T],
@@ -139,33 +199,38 @@ class Block(nnx.Module):
     explore = gate_ops.exploration_mask(~is_open, fraction, explore_key)
     return prob, is_open, is_open | explore, fraction
 
-  def _attend(self, h_BTD, positions_BT, k, v, computed_BT, *, decoding: bool,
+  def _attend(self, h_BTD, positions_BT, keys: Keys, computed_BT, *, decoding: bool,
               return_stats: bool, capacity: float):
     """Attention output [B, T, D] (zero where a routed token was not computed), its
-    observables or None, and the RouteReport."""
+    observables or None, and the RouteReport of queries and keys."""
     cfg = self.config
-    no_report = gate_ops.RouteReport(jnp.bool_(False), jnp.float32(0.0))
+    attend = functools.partial(self.attention.attend, kv_positions=keys.positions,
+                               kv_lengths=keys.lengths, return_stats=return_stats)
     if decoding:
-      reads = jnp.where(computed_BT[:, 0], positions_BT[:, 0] + 1, 0)
-      a, _ = self.attention.attend(h_BTD, positions_BT, k, v, mask="lengths",
-                                   kv_lengths=reads.astype(jnp.int32))
-      return a, None, no_report
+      # A row reads its keys up to its position (kv="all") or its open tokens' (kv="open");
+      # a row whose hard gate is closed reads none.
+      reads = positions_BT[:, 0] + 1 if keys.lengths is None else keys.lengths
+      reads = jnp.where(computed_BT[:, 0], reads, 0).astype(jnp.int32)
+      a, _ = self.attention.attend(h_BTD, positions_BT, keys.k, keys.v, mask="lengths",
+                                   kv_lengths=reads)
+      return a, None, _NO_REPORT
+    plain = "causal" if keys.positions is None else "positions"
     if self.mix != "hard":
-      a, stats = self.attention.attend(h_BTD, positions_BT, k, v, mask="causal",
-                                       return_stats=return_stats)
-      return a, stats, no_report
+      a, stats = attend(h_BTD, positions_BT, keys.k, keys.v, mask=plain)
+      return a, stats, _NO_REPORT
     if cfg.execution == "dense" or gate_ops.computes_densely(
         h_BTD.shape[1], capacity, cfg.segment_len, cfg.capacity_multiple):
-      a, stats = self.attention.attend(h_BTD, positions_BT, k, v, mask="causal",
-                                       return_stats=return_stats)
-      return a, stats, gate_ops.count_report(computed_BT, 1.0, cfg.segment_len,
-                                             cfg.capacity_multiple)
-    (a, stats), report = gate_ops.route_causal_segments(
-        lambda h_BCD, pos_BC, lengths_B, end: self.attention.attend(
-            h_BCD, pos_BC, k[:, :end], v[:, :end], mask="positions", q_lengths=lengths_B,
-            return_stats=return_stats),
+      a, stats = attend(h_BTD, positions_BT, keys.k, keys.v, mask=plain)
+      queries = gate_ops.count_report(computed_BT, 1.0, cfg.segment_len, cfg.capacity_multiple)
+      return a, stats, _merge_reports(queries, keys.report)
+    # Segments read the key prefix up to their end; gathered keys are read by position.
+    prefix = lambda x, end: x[:, :end] if keys.positions is None else x
+    (a, stats), queries = gate_ops.route_causal_segments(
+        lambda h_BCD, pos_BC, lengths_B, end: attend(
+            h_BCD, pos_BC, prefix(keys.k, end), prefix(keys.v, end), mask="positions",
+            q_lengths=lengths_B),
         computed_BT, h_BTD, capacity, cfg.segment_len, cfg.capacity_multiple)
-    return a, stats, report
+    return a, stats, _merge_reports(queries, keys.report)
 
   def _mix(self, r, a, prob, is_open, computed, explored_fraction):
     """(y [B, T, D], the gate value applied, float32 [B, T])."""

@@ -122,9 +122,10 @@ class TGNLM(nnx.Module):
     [L, B, S, K, H] in the compute dtype, recurrent states float32 [L, B, D]."""
     cfg = self.config
     kv = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    keys = cfg.has_attention and cfg.kv == "all"  # kv="open": prefill gathers them
     return LayerCache(
-        k=jnp.zeros(kv, cfg.compute_dtype) if cfg.has_attention else None,
-        v=jnp.zeros(kv, cfg.compute_dtype) if cfg.has_attention else None,
+        k=jnp.zeros(kv, cfg.compute_dtype) if keys else None,
+        v=jnp.zeros(kv, cfg.compute_dtype) if keys else None,
         state=(jnp.zeros((cfg.n_layers, batch, cfg.d_model), jnp.float32)
                if cfg.has_recurrence else None))
 
@@ -155,11 +156,14 @@ class TGNLM(nnx.Module):
     """Runs the prompt through the training forward and keeps its keys, values and
     recurrent states.
 
-    capacity: the routing capacity, as in __call__ (None: the capacity ladder eagerly,
-      1.0 under a transformation).
+    capacity: the routing capacity (None: the capacity ladder eagerly, 1.0 under a
+      transformation). Called eagerly, a prefill that overflows an explicit capacity is
+      redone at 1.0; under a transformation, where that cannot be checked, a capacity
+      below 1 is refused.
     Returns the logits at the last prompt position, float32 [B, V], and the cache: one
-    LayerCache per layer, keys and values [B, cache_len, K, H] (filled up to the prompt
-    length), recurrent state float32 [B, D].
+    LayerCache per layer (kv="all": keys and values [B, cache_len, K, H], filled up to
+    the prompt length; kv="open": the prompt's open tokens and a slot for each of the
+    cache_len - P tokens to come), recurrent state float32 [B, D].
     """
     cfg = self.config
     _check_tokens(prompt_BP, cfg, name="prompt")
@@ -170,8 +174,17 @@ class TGNLM(nnx.Module):
     graph_def, state = nnx.split(self)
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     run = lambda c: _prefill(graph_def, state, prompt_BP, cache_len, c)
+    traced = _is_traced((prompt_BP, state))
+    if capacity is not None and capacity < 1.0:  # the cache is kept: nothing may be left out
+      if traced:
+        raise ValueError("prefill under a transformation cannot check for overflow: pass "
+                         "capacity=None or 1.0")
+      logits_BV, aux, cache = _run_exact(run, capacity, cfg, None, traced=False)
+      if bool(aux.overflow):
+        logits_BV, _, cache = run(1.0)
+      return logits_BV, cache
     logits_BV, _, cache = _run_exact(run, capacity, cfg, (graph_def, prompt_BP.shape, "prefill"),
-                                     traced=_is_traced((prompt_BP, state)))
+                                     traced=traced)
     return logits_BV, cache
 
   def decode(self, cache: tuple[LayerCache, ...], logits_BV: jax.Array, position: int,
@@ -190,10 +203,15 @@ class TGNLM(nnx.Module):
     _check_positive_int("steps", steps)
     if isinstance(position, bool) or not isinstance(position, int) or position < 0:
       raise ValueError(f"position must be a non-negative integer, got {position!r}")
-    length = cache[0].k.shape[1] if cache[0].k is not None else None
-    if length is not None and position + steps > length:
-      raise ValueError(f"position + steps = {position + steps} exceeds the cache's {length} "
-                       "positions")
+    first = cache[0]
+    if first.k is not None and first.count is None and position + steps > first.k.shape[1]:
+      raise ValueError(f"position + steps = {position + steps} exceeds the cache's "
+                       f"{first.k.shape[1]} positions")
+    if first.count is not None and not _is_traced(first.count):
+      used = max(int(jnp.max(c.count)) for c in cache)
+      if used + steps > first.k.shape[1]:
+        raise ValueError(f"{used} cached open tokens + steps = {used + steps} exceeds the "
+                         f"cache's {first.k.shape[1]} slots")
     if not temperature >= 0:
       raise ValueError(f"temperature must be >= 0, got {temperature}")
     sample = temperature > 0
@@ -273,6 +291,14 @@ def _prefill(graph_def, state, prompt_BP, cache_len: int, capacity: float):
                                         cache=empty, last_logits_only=True)
   # One LayerCache per layer, so that decoding updates each in place.
   caches = tuple(jax.tree.map(lambda c: c[i], stacked) for i in range(model.config.n_layers))
+  if model.config.kv == "open":
+    # The prompt's open tokens, in a capacity that held them all, plus a slot for every
+    # token still to come: decoding can never overflow it.
+    extra = cache_len - prompt_BP.shape[1]
+    grow = lambda x, fill: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2),
+                                   constant_values=fill)
+    caches = tuple(c._replace(k=grow(c.k, 0), v=grow(c.v, 0), positions=grow(c.positions, 0))
+                   for c in caches)
   return logits[:, -1], aux, caches
 
 

@@ -111,10 +111,8 @@ def gibbs_attention(
   else:
     plain = (is_causal and q_positions is None and kv_positions is None and q_len == k_len)
     masked = not plain and (is_causal or q_positions is not None or kv_positions is not None)
-    mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None] if masked else None
-    out = jax.nn.dot_product_attention(
-        q_scaled, k, v, mask=mask, scale=1.0, is_causal=plain,
-        query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, implementation=impl)
+    out = _masked_attention(q_scaled, k, v, q_pos, kv_pos, plain=plain, masked=masked,
+                            q_lengths=q_lengths, kv_lengths=kv_lengths, implementation=impl)
     if masked or q_lengths is not None or kv_lengths is not None:
       answered = kv_pos[:, :1] <= q_pos  # the first key is the smallest: anything visible?
       out = jnp.where(answered[:, :, None, None], out, jnp.zeros((), out.dtype))
@@ -122,6 +120,27 @@ def gibbs_attention(
     return out
   stats = _stats(q, k, temperature_N, q_pos, kv_pos)
   return out, stats
+
+
+def _masked_attention(q, k, v, q_pos, kv_pos, *, plain: bool, masked: bool, q_lengths,
+                      kv_lengths, implementation: str) -> Array:
+  """jax.nn.dot_product_attention with the position mask as a [B, 1, Tq, Tk] mask (a
+  bias in cuDNN) when `masked`, its plain causal mask when `plain`, and the lengths."""
+  batch, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
+  q_pad = q_len % 2 if implementation == "cudnn" and masked else 0
+  k_pad = k_len % 2 if implementation == "cudnn" and masked else 0
+  if q_pad or k_pad:  # cuDNN's backward with a bias needs even lengths: pad, never read
+    pad = lambda x, n, fill=0: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),
+                                       constant_values=fill)
+    q, k, v = pad(q, q_pad), pad(k, k_pad), pad(v, k_pad)
+    q_pos, kv_pos = pad(q_pos, q_pad, flash.PAD_QUERY), pad(kv_pos, k_pad, flash.PAD_KEY)
+    q_lengths = jnp.full((batch,), q_len, jnp.int32) if q_lengths is None else q_lengths
+    kv_lengths = jnp.full((batch,), k_len, jnp.int32) if kv_lengths is None else kv_lengths
+  mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None] if masked else None
+  out = jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=1.0, is_causal=plain, query_seq_lengths=q_lengths,
+      key_value_seq_lengths=kv_lengths, implementation=implementation)
+  return out[:, :q_len]
 
 
 def encode_positions(batch: int, q_len: int, k_len: int, *, is_causal: bool = True,

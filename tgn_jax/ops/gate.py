@@ -215,8 +215,10 @@ class CapacityLadder:
   needed)` sets `current` to the smallest fraction holding (1 + headroom) times the
   largest need of the last `window` calls: it moves up at once and down only after a
   window of calls that fit lower, so it rarely changes. It returns True if the call
-  overflowed: its result must be discarded and the call redone at `current`, which then
-  holds what the call needed.
+  overflowed: its result must be discarded and the call redone at `current`. After an
+  overflow `current` is always larger than before (a need reported by an overflowing
+  call can be off for what came after the overflow, e.g. later layers), so redoing ends,
+  at 1.0 at the latest.
   """
 
   WINDOW = 50
@@ -256,6 +258,9 @@ class CapacityLadder:
   def observe(self, overflow, needed) -> bool:
     """Updates `current` from a call's overflow flag and needed fraction; True if the
     call overflowed (redo it)."""
+    before = self.current
     self._recent.append(float(needed))
     self.current = self._choose()
+    if bool(overflow) and self.current <= before:
+      self.current = next((f for f in self.fractions if f > before), 1.0)
     return bool(overflow)

@@ -56,6 +56,7 @@ class TrainConfig:
   recurrence: str = _field("mingru", "mingru | gru")
   gate: str = _field("hard", "soft | hard | open | closed")
   attention_execution: Optional[str] = _field(None, "sparse | dense (default: sparse for hard)")
+  kv: str = _field("all", "keys and values: all (every token) | open (open tokens only)")
   temperature: Optional[str] = _field(None, "attention temperature: a number, 'learned' or none (sqrt(head_dim))")
   exploration: float = _field(0.05, "closed-gate attention computed for the gate gradient, as a "
                               "fraction of the open tokens' attention work")
@@ -103,7 +104,7 @@ class TrainConfig:
         vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers,
         n_heads=self.n_heads, d_mlp=self.d_mlp, max_seq_len=max_seq_len, mixer=self.mixer,
         recurrence=self.recurrence, gate=self.gate,
-        attention_execution=self.attention_execution, temperature=temperature,
+        attention_execution=self.attention_execution, kv=self.kv, temperature=temperature,
         exploration=self.exploration, exploration_floor=self.exploration_floor,
         gate_bias_init=self.gate_bias_init,
         gate_sampling=self.gate_sampling, segment_len=self.segment_len,

@@ -129,7 +129,7 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
   hard_eval = train_steps.make_eval_step(model_def, model_config)
   soft_steps = config.soft_warmup_steps
   if soft_steps:  # same parameters, soft-gate forward: both channels learn everywhere
-    soft_config = model_config.replace(gate="soft", attention_execution=None)
+    soft_config = model_config.replace(gate="soft", attention_execution=None, kv="all")
     soft_def = train_steps.model_def_for(soft_config)
     soft_step = train_steps.make_train_step(soft_def, soft_config, optimizer)
     soft_eval = train_steps.make_eval_step(soft_def, soft_config)
@@ -139,6 +139,7 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
                            recent=np.asarray(state.routing_needs).tolist())
   routed = train_steps.routes(model_config)
   retries = 0
+  prefetched: dict[int, Any] = {}  # the next batch, built while a routed step runs
   stop = _SignalFlag()
   log = lambda msg: tqdm.write(msg, file=sys.stderr)
   log(f"{task.description} | {model_config.mixer} mixer, gate {model_config.gate}, "
@@ -158,12 +159,14 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
   step = start
   try:
     while step < config.steps and not stop.signum:
-      batch = task.train_batch(step)
+      batch = prefetched.pop(step) if step in prefetched else task.train_batch(step)
       if phase(step) == "soft":
         state, metrics = soft_step(state, controls(step), *batch, 1.0)
       else:
-        state, metrics, redone = train_steps.routed_step(hard_step, state, controls(step), batch,
-                                                         ladder, routed)
+        prefetch = lambda step=step: prefetched.update(
+            {step + 1: task.train_batch(step + 1)} if step + 1 < config.steps else {})
+        state, metrics, redone = train_steps.routed_step(
+            hard_step, state, controls(step), batch, ladder, routed, while_running=prefetch)
         retries += redone
       step += 1
       sums = metrics if sums is None else train_steps.accumulate(sums, metrics)

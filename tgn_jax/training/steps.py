@@ -13,7 +13,7 @@ rate, lambda's ramp, the thermostat's settings and the seed arrive as StepContro
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -186,16 +186,20 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer):
 
 
 def routed_step(step_fn, state: TrainState, controls: StepControls, batch, ladder: CapacityLadder,
-                routed: bool = True) -> tuple[TrainState, dict, int]:
-  """One optimizer step at the ladder's capacity, redone at the capacity the tokens need
-  whenever routing overflowed (an overflowing step leaves the state untouched), so that
-  no token is ever left out. Reads two scalars from the device per routed step.
+                routed: bool = True, while_running: Optional[Callable[[], None]] = None
+                ) -> tuple[TrainState, dict, int]:
+  """One optimizer step at the ladder's capacity, redone at a larger one whenever routing
+  overflowed (an overflowing step leaves the state untouched), so that no token is ever
+  left out. Reads two scalars from the device per routed step; `while_running` (e.g.
+  preparing the next batch) runs on the host before that read, while the step runs.
 
   Returns (state, metrics, how many times the batch was redone).
   """
   redone = 0
   while True:
     state, metrics = step_fn(state, controls, *batch, ladder.current)
+    if while_running is not None and redone == 0:
+      while_running()
     if not routed or not ladder.observe(
         *jax.device_get((metrics["overflow"] > 0, metrics["capacity_needed"]))):
       return state, metrics, redone
