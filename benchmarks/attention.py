@@ -29,7 +29,8 @@ from tgn_jax.ops.gate import (CapacityLadder, count_report, distinct_fractions, 
                               gathered_slots, route_causal_segments)
 
 DEFAULTS = TGNConfig(vocab_size=1)  # the library's capacity buckets
-COLUMNS = ["T", "B", "path", "rate", "segment", "capacity", "gathered", "ms", "fraction", "ideal"]
+COLUMNS = ["T", "B", "path", "impl", "rate", "segment", "capacity", "gathered", "ms", "fraction",
+           "ideal", "error"]
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, rate, dtype):
@@ -71,7 +72,10 @@ def main(argv=None):
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--segment_lens", type=common.int_list, default=[1024, 2048, 0],
                       help="gather segment lengths; 0 = one segment (the whole sequence)")
-  parser.add_argument("--impl", default=None, help="attention implementation (None = best)")
+  parser.add_argument("--impls", type=lambda s: s.split(","), default=[None],
+                      help="comma-separated gathered-attention routes to compare side by side: "
+                           "cudnn (position mask as a dense bias), pallas (tgn_jax.ops.flash), "
+                           "xla; default: the library's choice (dense rows always use it)")
   parser.add_argument("--multiple", type=int, default=DEFAULTS.capacity_multiple,
                       help="capacities rounded up to this multiple")
   parser.add_argument("--repeats", type=int, default=20)
@@ -87,7 +91,7 @@ def main(argv=None):
   for seq_len in args.seq_lens:
     batch = max(1, args.tokens_per_batch // seq_len)
     grad = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    dense_step = grad(functools.partial(dense_loss, impl=args.impl))
+    dense_step = grad(functools.partial(dense_loss, impl=None))
     inputs = make_inputs(jax.random.key(0), batch, seq_len, args.heads, args.head_dim, 1.0, dtype)
     dense = common.time_fn(lambda: dense_step(*inputs), repeats=args.repeats)
     rows.append(dict(T=seq_len, B=batch, rate=1.0, path="dense", segment=None,
@@ -101,19 +105,28 @@ def main(argv=None):
           continue
         capacity = ladder_capacity(inputs[4], seq_len, segment, args.multiple)
         gathered = gathered_slots(seq_len, capacity, segment, args.multiple) / seq_len
-        step = grad(functools.partial(gated_loss, impl=args.impl, segment_len=segment,
-                                      multiple=args.multiple, capacity=capacity))
-        timing = common.time_fn(lambda: step(*inputs), repeats=args.repeats)
-        rows.append(dict(T=seq_len, B=batch, rate=rate, path="gated", segment=segment,
-                         capacity=capacity, gathered=gathered, ms=timing["median_ms"],
-                         fraction=timing["median_ms"] / dense["median_ms"], ideal=rate,
-                         **_extra(timing)))
-        print(f"  rate={rate} segment={segment} capacity={capacity} (gathered {gathered:.3f}): "
-              f"{timing['median_ms']:.3f} ms = {rows[-1]['fraction']:.3f} x dense", flush=True)
-        common.save_partial("attention", args, rows)
+        for impl in args.impls:
+          step = grad(functools.partial(gated_loss, impl=impl, segment_len=segment,
+                                        multiple=args.multiple, capacity=capacity))
+          try:
+            timing = common.time_fn(lambda: step(*inputs), repeats=args.repeats)
+          except Exception as e:  # an unsupported shape for this route: keep going
+            rows.append(dict(T=seq_len, B=batch, rate=rate, path="gated", impl=impl,
+                             segment=segment, error=f"{type(e).__name__}: {e}"[:300]))
+            print(f"  rate={rate} segment={segment} {impl}: {rows[-1]['error']}", flush=True)
+            continue
+          rows.append(dict(T=seq_len, B=batch, rate=rate, path="gated", impl=impl,
+                           segment=segment, capacity=capacity, gathered=gathered,
+                           ms=timing["median_ms"], fraction=timing["median_ms"] / dense["median_ms"],
+                           ideal=rate, **_extra(timing)))
+          print(f"  rate={rate} segment={segment} {impl or 'default'} capacity={capacity} "
+                f"(gathered {gathered:.3f}): {timing['median_ms']:.3f} ms = "
+                f"{rows[-1]['fraction']:.3f} x dense", flush=True)
+          common.save_partial("attention", args, rows)
 
   common.print_table(rows, COLUMNS)
   config = {"heads": args.heads, "head_dim": args.head_dim, "dtype": jnp.dtype(dtype).name,
+            "impls": args.impls,
             "tokens_per_batch": args.tokens_per_batch,
             "measure": "forward+backward (grad wrt q, k, v), median"}
   return common.finish("attention", args, {"rows": rows}, lambda png: plot(rows, png), config)
@@ -128,10 +141,12 @@ def plot(rows, path):
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
   for seq_len in sorted({r["T"] for r in rows}):
-    gated = [r for r in rows if r["T"] == seq_len and r["path"] == "gated"]
-    for segment in sorted({r["segment"] for r in gated}):
-      pts = sorted((r["rate"], r["fraction"]) for r in gated if r["segment"] == segment)
-      ax.plot(*zip(*pts), marker="o", label=f"T={seq_len}, segment {segment}")
+    gated = [r for r in rows if r["T"] == seq_len and r["path"] == "gated" and "ms" in r]
+    for segment, impl in sorted({(r["segment"], r["impl"] or "") for r in gated}):
+      pts = sorted((r["rate"], r["fraction"]) for r in gated
+                   if r["segment"] == segment and (r["impl"] or "") == impl)
+      ax.plot(*zip(*pts), marker="o",
+              label=f"T={seq_len}, segment {segment}, {impl or 'default'}")
   rates = sorted({r["rate"] for r in rows})
   ax.plot(rates, rates, "k--", label="ideal (= open rate)")
   ax.axhline(1.0, color="gray", lw=0.8)

@@ -6,10 +6,11 @@ cache (TGNLM.decode, compiled once per shape, median of repeats, each call decod
 positions on the cache the previous call returned, donated so nothing is copied):
 decode tokens/s = B N / t.
 
-  tgn-hard-0.10  TGN, minGRU, hard gate with each layer's bias calibrated on one row of
-                 the prompt so that 10% of its tokens open it; at a decoding step a row
-                 whose gate is closed reads no key (per-row key lengths)
-  transformer    attention only
+  tgn-hard-0.10    TGN, minGRU, hard gate with each layer's bias calibrated on one row of
+                   the prompt so that 10% of its tokens open it; at a decoding step a row
+                   whose gate is closed reads no key (per-row key lengths)
+  tgn-kvopen-0.10  the same with kv="open": the cache holds the open tokens only
+  transformer      attention only
 
 Tokens are sampled at temperature 1 by default: an untrained model's greedy output quickly
 repeats one token, which pins every gate open or shut and would not measure a 10% rate.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, gate_control  # noqa: E402
 from tgn_jax import TGNConfig, count_params, functional  # noqa: E402
 
-MODELS = ("tgn-hard-0.10", "transformer")
+MODELS = ("tgn-hard-0.10", "tgn-kvopen-0.10", "transformer")
 COLUMNS = ["model", "context", "B", "prefill_ms", "ms_per_step", "tokens_per_s", "vs_transformer",
            "decode_open_rate", "decode_skip_rate", "cache_gib", "peak_gib", "error"]
 
@@ -52,6 +53,9 @@ def main(argv=None):
   parser.add_argument("--heads", type=int, default=12)
   parser.add_argument("--vocab", type=int, default=50304)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
+                      help="attention implementation of the library's models (default: "
+                           "TGNConfig's, cuDNN on GPU)")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
   if args.tiny:  # new defaults; options given explicitly still win
@@ -77,6 +81,7 @@ def main(argv=None):
   config = {
       "layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
       "dtype": args.dtype, "steps": args.steps, "temperature": args.temperature,
+      "attention_impl": args.attention_impl,
       "measure": "median wall time of TGNLM.decode(cache of a prompt of context - steps "
                  "tokens, steps); tokens/s = B steps / t; prefill_ms: one TGNLM.prefill after "
                  "compilation; decode_open_rate: open gates over layers, rows and decoding "
@@ -93,7 +98,7 @@ def measure(name: str, context: int, batch: int, args) -> dict:
   try:
     config = TGNConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
                        n_heads=args.heads, max_seq_len=context, dtype=args.dtype,
-                       **gate_control.architecture(name))
+                       attention_impl=args.attention_impl, **gate_control.architecture(name))
     row["params"] = count_params(config)
     model_def, params = functional.init(config, jax.random.key(0))
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, args.vocab)

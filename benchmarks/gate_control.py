@@ -23,6 +23,8 @@ from tgn_jax.ops import gate as gate_ops
 MODELS = {
     "tgn-hard-0.10": dict(mixer="tgn", recurrence="mingru", gate="hard", open_rate=0.10),
     "tgn-hard-0.25": dict(mixer="tgn", recurrence="mingru", gate="hard", open_rate=0.25),
+    "tgn-kvopen-0.10": dict(mixer="tgn", recurrence="mingru", gate="hard", kv="open",
+                            open_rate=0.10),
     "tgn-soft-gru": dict(mixer="tgn", recurrence="gru", gate="soft", open_rate=None),
     "transformer": dict(mixer="attention", open_rate=None),
     "recurrent": dict(mixer="recurrent", recurrence="mingru", open_rate=None),

@@ -6,6 +6,7 @@ clipping) on random tokens, for sequence lengths T at constant B*T (B = max(1, 1
 so T = 32768 runs one sequence):
 
   tgn-hard-0.10 / -0.25  TGN, minGRU, hard gate with its open rate held at 0.10 / 0.25
+  tgn-kvopen-0.10        the same at 0.10 with kv="open" (closed tokens write no key/value)
   tgn-soft-gru           TGN, GRU, soft gate (the PyTorch reference: attention everywhere)
   transformer            attention only
   recurrent              minGRU only
@@ -64,6 +65,9 @@ def main(argv=None):
                            "open tokens' attention work (TGNConfig.exploration)")
   parser.add_argument("--remat", action="store_true", help="rematerialise each layer")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
+                      help="attention implementation of the library's models (default: "
+                           "TGNConfig's, cuDNN on GPU)")
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args(argv)
   if args.tiny:  # new defaults; options given explicitly still win
@@ -87,6 +91,7 @@ def main(argv=None):
   config = {
       "layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
       "dtype": args.dtype, "tokens_per_batch": args.tokens_per_batch, "remat": args.remat,
+      "attention_impl": args.attention_impl,
       "exploration": args.exploration, "learning_rate": LEARNING_RATE,
       "models": {name: gate_control.MODELS.get(name, "pure jax + optax") for name in args.models},
       "measure": "full train step (forward, backward, AdamW), median; tokens/s = B*T / step; "
@@ -110,7 +115,8 @@ def measure(name: str, seq_len: int, args) -> dict:
         n_heads=args.heads, exploration=args.exploration, dtype=args.dtype, remat=args.remat,
         seq_len=seq_len, batch_size=batch, lam=0.0, target_rate=None, lr=LEARNING_RATE,
         warmup_steps=0))
-    model_config = train_config.model_config(vocab_size=args.vocab, max_seq_len=seq_len)
+    model_config = train_config.model_config(vocab_size=args.vocab, max_seq_len=seq_len).replace(
+        attention_impl=args.attention_impl)
     row["params"] = count_params(model_config)
     optimizer = steps.make_optimizer(train_config)
     controls = steps.make_controls(train_config)(0)

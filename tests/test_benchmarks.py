@@ -42,16 +42,17 @@ def assert_png(path: Path) -> None:
 
 
 def test_attention(tmp_path):
-  results, out = run(attention, tmp_path)
+  results, out = run(attention, tmp_path, "--impls", "xla,pallas")
   rows = results["rows"]
-  assert [(r["path"], r["rate"], r["segment"]) for r in rows] == [
-      ("dense", 1.0, None), ("gated", 0.1, 16), ("gated", 0.1, 64)]
+  assert [(r["path"], r.get("impl"), r["rate"], r["segment"]) for r in rows] == [
+      ("dense", None, 1.0, None), ("gated", "xla", 0.1, 16), ("gated", "pallas", 0.1, 16),
+      ("gated", "xla", 0.1, 64), ("gated", "pallas", 0.1, 64)]
   for r in rows:
     assert r["T"] == 64 and r["B"] == 2
     assert positive(r["ms"]) and positive(r["fraction"]) and positive(r["compile_ms"])
   for r in rows[1:]:  # the ladder's capacity holds the open tokens; slots follow from it
     assert 0.1 <= r["capacity"] <= 1.0 and r["capacity"] <= r["gathered"] <= 1.0
-  assert rows[2]["gathered"] < 1.0  # one segment of 64 in tiles of 8: routed, not dense
+  assert rows[3]["gathered"] < 1.0  # one segment of 64 in tiles of 8: routed, not dense
   assert_png(out.with_suffix(".png"))
 
 
@@ -133,7 +134,7 @@ def test_decode(tmp_path):
   results, out = run(decode, tmp_path, "--batches", "2")
   steps = results["config"]["steps"]
   rows = {r["model"]: r for r in results["rows"]}
-  assert list(rows) == ["tgn-hard-0.10", "transformer"]
+  assert list(rows) == ["tgn-hard-0.10", "tgn-kvopen-0.10", "transformer"]
   for r in rows.values():
     assert "error" not in r, r["error"]
     assert (r["context"], r["B"], r["prompt"]) == (48, 2, 48 - steps)

@@ -81,7 +81,7 @@ def flash_attention(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, *
   q_tile = max(blocks.block_q, blocks.block_q_bwd)
   k_tile = max(blocks.block_k, blocks.block_k_bwd)
   q_pad, k_pad = -q_len % q_tile, -k_len % k_tile
-  h_pad = _next_power_of_2(head_dim) - head_dim
+  h_pad = max(16, _next_power_of_2(head_dim)) - head_dim  # Triton's dot: a power of 2, >= 16
   pad = lambda x, n, value=0: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),
                                       constant_values=value)
   pad_h = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, h_pad),)) if h_pad else x
