@@ -173,3 +173,24 @@ def test_bad_input_names_the_argument(case_name, kwargs, error, match):
     gibbs_attention(q, k, v, **kwargs)
   with pytest.raises(ValueError, match="power of two"):
     flash.FlashBlocks(block_q=24)
+
+
+def test_kernels_lower_to_triton_for_cuda():
+  """Without a GPU: the forward and both backward kernels lower through Pallas's Triton
+  rules for CUDA (bf16, head_dim 64, grouped heads), as three Triton custom calls and no
+  conditional. (Triton's own compiler runs only on a GPU: tests/test_flash.py there.)"""
+  from jax import export
+  q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+  pos = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+  def loss(q, k, v, q_pos, kv_pos):
+    out, lse = flash.flash_attention(q, k, v, q_pos, kv_pos, interpret=False)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  exported = export.export(
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          q, k, k, pos, pos)
+  module = exported.mlir_module()
+  assert module.count("xla.gpu.triton") == 3 and "conditional" not in module
