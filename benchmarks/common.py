@@ -125,8 +125,8 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   config = resolve({**options, "out": str(out), "progress": False, "plots": False,
                     "resume": resume},
                    base=json.loads((out / "config.json").read_text()) if resume else None)
-  run, task = prepare(config)
-  return train(config, run, task)
+  run, task, mesh = prepare(config)
+  return train(config, run, task, mesh)
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:

@@ -38,13 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, gate_control, plain_gpt  # noqa: E402
 from tgn_jax import TGNConfig, count_params, functional  # noqa: E402
 from tgn_jax.nn.model import capacity_ladder  # noqa: E402
+from tgn_jax.training import sharding  # noqa: E402
 from tgn_jax.training import steps  # noqa: E402
 from tgn_jax.training.config import resolve  # noqa: E402
 
 LEARNING_RATE = 1e-5
 PLAIN_GPT = "plain-gpt"
 MODELS = list(gate_control.MODELS) + [PLAIN_GPT]
-COLUMNS = ["model", "T", "B", "ms", "tokens_per_s", "vs_transformer", "vs_plain_gpt", "open_rate",
+COLUMNS = ["model", "mesh", "T", "B", "ms", "tokens_per_s", "vs_transformer", "vs_plain_gpt",
+           "vs_unsharded", "open_rate",
            "compute_rate", "capacity", "gathered_fraction", "redone", "peak_gib", "xla_gib",
            "compile_s", "error"]
 
@@ -64,6 +66,9 @@ def main(argv=None):
                       help="closed-gate attention computed in training, as a fraction of the "
                            "open tokens' attention work (TGNConfig.exploration)")
   parser.add_argument("--remat", action="store_true", help="rematerialise each layer")
+  parser.add_argument("--mesh", default=None,
+                      help="also measure each library model with train.py's sharded step on "
+                           "this mesh (data:D,fsdp:F), side by side with the unsharded one")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
                       help="attention implementation of the library's models (default: "
@@ -85,6 +90,10 @@ def main(argv=None):
                   else measure(name, seq_len, args))
       print(_summary(rows[-1]), flush=True)
       common.save_partial("throughput", args, rows)
+      if args.mesh and name != PLAIN_GPT:
+        rows.append(measure(name, seq_len, args, mesh=sharding.MeshSpec.parse(args.mesh).build()))
+        print(_summary(rows[-1]), flush=True)
+        common.save_partial("throughput", args, rows)
   add_ratios(rows)
 
   common.print_table(rows, COLUMNS)
@@ -104,11 +113,13 @@ def main(argv=None):
   return common.finish("throughput", args, {"rows": rows}, lambda png: plot(rows, png), config)
 
 
-def measure(name: str, seq_len: int, args) -> dict:
-  """One row: timing, rates and memory of model `name` at length seq_len (or its error)."""
+def measure(name: str, seq_len: int, args, mesh=None) -> dict:
+  """One row: timing, rates and memory of model `name` at length seq_len (or its error);
+  with a mesh, through the sharded step the training loop runs."""
   batch = max(1, args.tokens_per_batch // seq_len)
   target = gate_control.MODELS[name]["open_rate"]
-  row = dict(model=name, T=seq_len, B=batch, target_rate=target)
+  row = dict(model=name, T=seq_len, B=batch, target_rate=target,
+             mesh=None if mesh is None else args.mesh)
   try:
     train_config = resolve(dict(
         **gate_control.architecture(name), d_model=args.d_model, n_layers=args.layers,
@@ -120,21 +131,24 @@ def measure(name: str, seq_len: int, args) -> dict:
     row["params"] = count_params(model_config)
     optimizer = steps.make_optimizer(train_config)
     controls = steps.make_controls(train_config)(0)
-    model_def, state = steps.init_state(model_config, train_config, optimizer)
+    model_def, state, shardings = steps.init_state(model_config, train_config, optimizer, mesh)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, args.vocab)
     batch_arrays = (tokens[:, :-1], tokens[:, 1:], jnp.ones((batch, seq_len), jnp.float32))
+    if mesh is not None:
+      batch_arrays = sharding.global_batch(mesh, batch_arrays, batch)
     if target is not None:
       params, open_LBT = gate_control.calibrate_open_rate(
           model_def, state.params, batch_arrays[0], target, model_config.gate_threshold)
       state = state._replace(params=params)
       row["calibrated_open_rate"] = gate_control.layer_rates(open_LBT)
 
-    step_fn = steps.make_train_step(model_def, model_config, optimizer)
+    step_fn = steps.make_train_step(model_def, model_config, optimizer, mesh, shardings)
     routed = steps.routes(model_config)
     recent = []
     if routed:  # what the first step will need: its ladder starts there, not at 1.0
       _, aux = jax.jit(lambda p, t: functional.apply(
-          model_def, p, t, rng=jax.random.fold_in(controls.key, 0), stats=None))(
+          model_def, p, t, rng=jax.random.fold_in(jax.random.wrap_key_data(controls.key), 0),
+          stats=None))(
               state.params, batch_arrays[0])
       recent = [float(aux.capacity_needed)]
     ladder = capacity_ladder(model_config, seq_len, recent=recent)
@@ -210,13 +224,19 @@ def measure_plain_gpt(seq_len: int, args) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-  """Sets each row's vs_transformer and vs_plain_gpt: tokens/s over theirs at the same T."""
+  """Sets each row's vs_transformer and vs_plain_gpt: tokens/s over theirs at the same T
+  (the unsharded rows'); and a sharded row's vs_unsharded: over its own unsharded row."""
   for key, reference_model in (("vs_transformer", "transformer"), ("vs_plain_gpt", PLAIN_GPT)):
     reference = {r["T"]: r["tokens_per_s"] for r in rows
-                 if r["model"] == reference_model and "tokens_per_s" in r}
+                 if r["model"] == reference_model and "tokens_per_s" in r and not r.get("mesh")}
     for r in rows:
       if "tokens_per_s" in r and r["T"] in reference:
         r[key] = r["tokens_per_s"] / reference[r["T"]]
+  unsharded = {(r["model"], r["T"]): r["tokens_per_s"] for r in rows
+               if "tokens_per_s" in r and not r.get("mesh")}
+  for r in rows:
+    if r.get("mesh") and "tokens_per_s" in r and (r["model"], r["T"]) in unsharded:
+      r["vs_unsharded"] = r["tokens_per_s"] / unsharded[(r["model"], r["T"])]
 
 
 def _summary(row: dict) -> str:

@@ -106,14 +106,14 @@ def interrupt_at(monkeypatch, step):
   """Make the run receive SIGINT while fetching the batch of `step` (deterministic)."""
   original = loop.make_task
 
-  def patched(config):
-    task = original(config)
+  def patched(config, **kwargs):
+    task = original(config, **kwargs)
     fetch = task.train_batch
 
-    def train_batch(s):
+    def train_batch(s, rows=None):
       if s == step:
         os.kill(os.getpid(), signal.SIGINT)
-      return fetch(s)
+      return fetch(s, rows)
     task.train_batch = train_batch
     return task
   monkeypatch.setattr(loop, "make_task", patched)
@@ -195,7 +195,7 @@ def test_overflowing_step_changes_nothing_and_is_redone():
                         batch_size=4, gate_bias_init=2.0, warmup_steps=0))
   model_config = config.model_config(vocab_size=64, max_seq_len=64)
   optimizer = steps.make_optimizer(config)
-  model_def, state = steps.init_state(model_config, config, optimizer)
+  model_def, state, _ = steps.init_state(model_config, config, optimizer)
   step = steps.make_train_step(model_def, model_config, optimizer)
   tokens = jax.random.randint(jax.random.key(0), (4, 65), 0, 64)
   batch = (tokens[:, :-1], tokens[:, 1:], np.ones((4, 64), np.float32))

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
+import numpy as np
 from flax import nnx
 
 from tgn_jax.config import TGNConfig
@@ -29,4 +31,42 @@ def apply(model_def: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, *,
   is 1.0 (attention computed densely); with a smaller fraction, check aux.overflow and
   recompute at a larger one when it is set (tgn_jax.ops.CapacityLadder does the choice).
   """
+  _check_params(model_def, params)
   return nnx.merge(model_def, params)(tokens_BT, rng=rng, stats=stats, capacity=capacity)
+
+
+def _check_params(model_def: nnx.GraphDef, params: nnx.State) -> None:
+  """ValueError naming the first parameter that is missing, extra or of another shape than
+  the model needs: e.g. parameters of another configuration."""
+  given = {jax.tree_util.keystr(path): tuple(np.shape(x))
+           for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  config = _config_of(model_def)
+  if config is None:  # not a TGNLM structure we can read: let merge judge
+    return
+  expected = _expected_shapes(config)
+  hint = "the parameters are not this model's (another configuration?)"
+  for name, shape in expected.items():
+    if name not in given:
+      raise ValueError(f"parameter {name} is missing: {hint}")
+    if given[name] != shape:
+      raise ValueError(f"parameter {name} has shape {given[name]} but this model needs {shape}: "
+                       f"{hint}")
+  for name in given:
+    if name not in expected:
+      raise ValueError(f"parameter {name} is not one of this model's: {hint}")
+
+
+def _config_of(model_def: nnx.GraphDef) -> Optional[TGNConfig]:
+  """The TGNConfig a TGNLM's GraphDef carries as a static attribute, or None."""
+  for _, attribute in getattr(model_def, "attributes", ()):
+    value = getattr(attribute, "value", None)
+    if isinstance(value, TGNConfig):
+      return value
+  return None
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(config: TGNConfig) -> dict[str, tuple[int, ...]]:
+  abstract = nnx.state(nnx.eval_shape(lambda: TGNLM(config, rngs=nnx.Rngs(0))))
+  return {jax.tree_util.keystr(path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(abstract)}

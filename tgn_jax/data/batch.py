@@ -1,4 +1,8 @@
-"""Batch container, data error type and the (seed, step) -> RNG rule shared by all tasks."""
+"""Batch container, data error type and the (seed, step, row) -> RNG rule shared by all tasks.
+
+Every row of a training batch has a random stream of its own, so a process can build just
+the rows it trains on and the global batch is the same for any number of processes.
+"""
 
 from __future__ import annotations
 
@@ -30,10 +34,27 @@ def _check_u32(name: str, value: int) -> None:
 
 
 def batch_rng(seed: int, step: int) -> np.random.Generator:
-    """The generator for training batch `step` of run `seed`; pure function of (seed, step)."""
+    """A generator for training step `step` of run `seed`; pure function of (seed, step)."""
     _check_u32("seed", seed)
     _check_u32("step", step)
     return np.random.default_rng([int(seed), int(step)])
+
+
+def row_rng(seed: int, step: int, row: int) -> np.random.Generator:
+    """The generator of row `row` of training batch `step` of run `seed`."""
+    _check_u32("seed", seed)
+    _check_u32("step", step)
+    _check_u32("row", row)
+    return np.random.default_rng([int(seed), int(step), int(row), 1])
+
+
+def batch_rows(batch_size: int, rows: range | None) -> range:
+    """The rows of a batch to build (all by default), checked against batch_size."""
+    if rows is None:
+        return range(batch_size)
+    if rows.step != 1 or not 0 <= rows.start <= rows.stop <= batch_size:
+        raise DataError(f"rows must be a contiguous range within [0, {batch_size}), got {rows}")
+    return rows
 
 
 def heldout_rng(seed: int) -> np.random.Generator:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tgn_jax.data.batch import Batch, DataError, batch_rng, heldout_rng
+from tgn_jax.data.batch import Batch, DataError, batch_rows, heldout_rng, row_rng
 
 # Held-out sets are built in chunks to bound the [chunk, V/2] scratch arrays.
 _EVAL_CHUNK = 256
@@ -104,15 +104,22 @@ def mqar_batch(
     num_kv: int,
     vocab_size: int,
     power_a: float = 0.01,
+    rows: range | None = None,
 ) -> Batch:
-    """Training batch `step` of run `seed`: int32 inputs/targets [B, T], float32 mask [B, T].
+    """Rows `rows` (default: all) of training batch `step` of run `seed`: int32
+    inputs/targets [R, T], float32 mask [R, T].
 
-    Pure function of its arguments (RNG = default_rng([seed, step])); exactly num_kv scored
+    Pure function of its arguments; row r is drawn from row_rng(seed, step, r) alone, so
+    any split of the rows between processes builds the same batch. Exactly num_kv scored
     positions per row.
     """
     _validate(batch_size, seq_len, num_kv, vocab_size, power_a)
-    rng = batch_rng(seed, step)
-    return _generate(rng, batch_size, seq_len, num_kv, vocab_size, power_a)
+    parts = [_generate(row_rng(seed, step, r), 1, seq_len, num_kv, vocab_size, power_a)
+             for r in batch_rows(batch_size, rows)]
+    if not parts:
+        empty = np.zeros((0, seq_len), np.int32)
+        return Batch(empty, empty, np.zeros((0, seq_len), np.float32))
+    return Batch(*(np.concatenate(arrays, axis=0) for arrays in zip(*parts)))
 
 
 def mqar_eval_set(

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from tgn_jax.data.batch import Batch, DataError, batch_rng
+from tgn_jax.data.batch import Batch, DataError, batch_rows, row_rng
 
 _FORMAT = 1
 _CHUNK_BYTES = 1 << 20
@@ -292,14 +292,18 @@ class ByteCorpus:
                     f"needs at least seq_len + 1 = {seq_len + 1}"
                 )
 
-    def train_batch(self, seed: int, step: int, batch_size: int, seq_len: int) -> Batch:
-        """Random windows from the train split; int32 [B, T] inputs/targets, all-ones mask."""
+    def train_batch(self, seed: int, step: int, batch_size: int, seq_len: int,
+                    rows: range | None = None) -> Batch:
+        """Rows `rows` (default: all) of a batch of random windows from the train split;
+        int32 [R, T] inputs/targets, all-ones mask. Row r's window comes from
+        row_rng(seed, step, r): a process reads only the windows of its rows."""
         self.check(seq_len)
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        rng = batch_rng(seed, step)
-        starts_B = rng.integers(0, self.num_train_bytes - seq_len, size=batch_size)
-        return _windows(self._train, starts_B, seq_len, num_real=batch_size)
+        rows = batch_rows(batch_size, rows)
+        starts_R = np.array([row_rng(seed, step, r).integers(0, self.num_train_bytes - seq_len)
+                             for r in rows], dtype=np.int64)
+        return _windows(self._train, starts_R, seq_len, num_real=len(rows))
 
     def val_batches(self, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:
         """Fixed evaluation windows from the validation split, evenly spaced and non-overlapping.

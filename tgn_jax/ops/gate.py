@@ -225,7 +225,8 @@ class CapacityLadder:
 
   def __init__(self, fractions: Sequence[float], *, headroom: float = 0.1,
                window: int = WINDOW, recent: Sequence[float] = ()):
-    """recent: needs of earlier calls, oldest first (a ladder's `recent`, to resume it)."""
+    """recent: needs of earlier calls, oldest first (a ladder's `recent`, to resume it;
+    negative or non-finite values are padding and skipped)."""
     fractions = tuple(float(f) for f in fractions)
     if not fractions or fractions[-1] != 1.0 or list(fractions) != sorted(set(fractions)) or (
         fractions[0] <= 0.0):
@@ -237,7 +238,7 @@ class CapacityLadder:
     self.fractions = fractions
     self.headroom = headroom
     self._recent: collections.deque = collections.deque(
-        (float(x) for x in recent if math.isfinite(x)), maxlen=window)
+        (float(x) for x in recent if math.isfinite(x) and x >= 0), maxlen=window)
     self.current = self._choose()
 
   @property

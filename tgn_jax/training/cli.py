@@ -72,7 +72,9 @@ def default_out(task: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from tgn_jax.training.loop import NonFiniteError, RunDir, check_resume_changes, prepare, train
+  from tgn_jax.training import sharding
+  from tgn_jax.training.loop import (CheckpointError, NonFiniteError, RunDir,
+                                     check_resume_changes, prepare, train)
   explicit = vars(build_parser().parse_args(argv))
   config_file = explicit.pop("config", None)
   try:
@@ -89,17 +91,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       config = resolve(explicit, config_file)
       if "out" not in explicit and (config_file is None or "out" not in _file_keys(config_file)):
         config = dataclasses.replace(config, out=default_out(config.task))
-    run, task = prepare(config)
+    sharding.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
+    run, task, mesh = prepare(config)
   except (ConfigError, DataError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   try:
-    summary = train(config, run, task)
-  except NonFiniteError as e:
+    summary = train(config, run, task, mesh)
+  except ConfigError as e:  # found once training set up: e.g. no readable checkpoint
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except (NonFiniteError, CheckpointError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return EXIT_FAILED
-  print(format_summary(summary))
+  if jax_process_index() == 0:
+    print(format_summary(summary))
   return 128 + summary["interrupted_by"] if summary["interrupted_by"] else 0
+
+
+def jax_process_index() -> int:
+  import jax
+  return jax.process_index()
 
 
 def _file_keys(path: str) -> set[str]:

@@ -95,6 +95,15 @@ class TrainConfig:
   keep_checkpoints: int = _field(3, "checkpoints kept")
   progress: bool = _field(True, "show a progress bar")
   plots: bool = _field(True, "write plots/*.png at the end of the run")
+  # devices and hosts
+  mesh: Optional[str] = _field(
+      None, "device mesh data:D,fsdp:F: the batch over both axes, parameters and optimiser "
+      "state sharded over fsdp (default: every device on data)")
+  coordinator: Optional[str] = _field(
+      None, "several hosts: HOST:PORT of process 0 (with --num_processes and --process_id; "
+      "without the three, jax's own detection on a known cluster)")
+  num_processes: Optional[int] = _field(None, "several hosts: how many processes")
+  process_id: Optional[int] = _field(None, "several hosts: this process's index, 0 .. N-1")
 
   def model_config(self, vocab_size: int, max_seq_len: int) -> TGNConfig:
     temperature: Union[None, float, str] = self.temperature
@@ -215,6 +224,11 @@ def validate(c: TrainConfig) -> None:
     raise ConfigError(f"--train_fraction must be in (0, 1), got {c.train_fraction!r}")
   if not _finite(c.val_fraction) or not 0 < c.val_fraction < 1:
     raise ConfigError(f"--val_fraction must be in (0, 1), got {c.val_fraction!r}")
+  if c.num_processes is not None and (isinstance(c.num_processes, bool) or c.num_processes < 1):
+    raise ConfigError(f"--num_processes must be a positive integer, got {c.num_processes!r}")
+  if c.process_id is not None and c.num_processes is not None and not (
+      0 <= c.process_id < c.num_processes):
+    raise ConfigError(f"--process_id must be in [0, {c.num_processes}), got {c.process_id!r}")
   if c.on_nonfinite not in ("skip", "stop"):
     raise ConfigError(f"--on_nonfinite must be skip or stop, got {c.on_nonfinite!r}")
   if c.temperature not in (None, "learned"):

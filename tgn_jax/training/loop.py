@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from jax.sharding import Mesh
+
 from tgn_jax.nn.model import capacity_ladder, count_params
+from tgn_jax.training import sharding
 from tgn_jax.training import steps as train_steps
 from tgn_jax.training.config import ConfigError, TrainConfig
 from tgn_jax.training.tasks import Task, make_task
@@ -24,11 +28,16 @@ from tgn_jax.training.tasks import Task, make_task
 # Options that may differ when a run is resumed; anything else would change the run itself.
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "out", "log_every", "eval_every",
                                "checkpoint_every", "keep_checkpoints", "progress", "plots",
-                               "on_nonfinite", "max_nonfinite"})
+                               "on_nonfinite", "max_nonfinite", "mesh", "coordinator",
+                               "num_processes", "process_id"})
 
 
 class NonFiniteError(RuntimeError):
   """Training stopped on non-finite losses or gradients."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be saved; the message says which and what is intact."""
 
 
 class RunDir:
@@ -85,18 +94,36 @@ class RunDir:
     os.replace(tmp, self.metrics)
 
 
-def prepare(config: TrainConfig) -> tuple[RunDir, Task]:
-  """Validates the run directory and builds the task before anything is written."""
+def prepare(config: TrainConfig) -> tuple[RunDir, Task, Mesh]:
+  """Validates the run directory, the mesh and the task before anything is written.
+
+  Call after the processes of a multi-host run have joined
+  (sharding.initialize_distributed): the mesh spans every process's devices.
+  """
   run = RunDir(config.out)
   if config.resume:
-    if not run.config.exists() or not _latest_step(run.checkpoints):
+    if not run.config.exists() or not checkpoint_steps(run.checkpoints):
       raise ConfigError(f"--resume: no checkpoint to resume in {run.path}")
   elif run.holds_run():
     raise ConfigError(f"--out {run.path} already holds a run; pass --resume to continue it "
                       "or choose another --out")
   run.check_writable()
-  task = make_task(config)  # raises DataError on bad data
-  return run, task
+  mesh = sharding.MeshSpec.parse(config.mesh).build()
+  task = make_task(config, batch_multiple=mesh.shape["data"] * mesh.shape["fsdp"])
+  sharding.process_rows(mesh, task.batch_size)  # raises if the batch does not split
+  return run, task, mesh
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+  """The steps orbax lists in a checkpoint directory (none if it does not exist)."""
+  if not directory.is_dir():
+    return []
+  manager = ocp.CheckpointManager(directory.resolve(),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
 
 
 def check_resume_changes(stored: dict[str, Any], explicit: dict[str, Any]) -> None:
@@ -105,34 +132,45 @@ def check_resume_changes(stored: dict[str, Any], explicit: dict[str, Any]) -> No
       raise ConfigError(f"--{name} cannot change on --resume (the run has {stored[name]!r})")
 
 
-def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
-  """Trains to config.steps (or until SIGINT/SIGTERM); returns the summary dict."""
+def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = None
+          ) -> dict[str, Any]:
+  """Trains to config.steps (or until SIGINT/SIGTERM); returns the summary dict.
+
+  mesh: from prepare (default: every device on the data axis). Every process of a
+  multi-host run calls this; process 0 alone writes the logs, summary and plots.
+  """
+  mesh = mesh if mesh is not None else sharding.MeshSpec().build()
+  primary = jax.process_index() == 0
   model_config = config.model_config(task.vocab_size, task.seq_len)
   optimizer = train_steps.make_optimizer(config)
   controls = train_steps.make_controls(config)
-  model_def, state = train_steps.init_state(model_config, config, optimizer)
+  model_def, state, shardings = train_steps.init_state(model_config, config, optimizer, mesh)
   n_params = count_params(state.params)
-  run.path.mkdir(parents=True, exist_ok=True)
+  rows = sharding.process_rows(mesh, task.batch_size)
+  batch_at = lambda step: sharding.global_batch(mesh, task.train_batch(step, rows),
+                                                task.batch_size)
+  log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if primary else (lambda msg: None)
+  if primary:
+    run.path.mkdir(parents=True, exist_ok=True)
   manager = ocp.CheckpointManager(
       run.checkpoints.resolve(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
   start = 0
   if config.resume:
-    start = manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-    run.truncate_metrics(start)
-  else:
+    state, start = _restore(manager, run, state, shardings, log, primary)
+    if primary:
+      run.truncate_metrics(start)
+  elif primary:
     run.write_json(run.config, config.to_dict())
 
-  hard_step = train_steps.make_train_step(model_def, model_config, optimizer)
-  hard_eval = train_steps.make_eval_step(model_def, model_config)
+  hard_step = train_steps.make_train_step(model_def, model_config, optimizer, mesh, shardings)
+  hard_eval = train_steps.make_eval_step(model_def, model_config, mesh, shardings.params)
   soft_steps = config.soft_warmup_steps
   if soft_steps:  # same parameters, soft-gate forward: both channels learn everywhere
     soft_config = model_config.replace(gate="soft", attention_execution=None, kv="all")
     soft_def = train_steps.model_def_for(soft_config)
-    soft_step = train_steps.make_train_step(soft_def, soft_config, optimizer)
-    soft_eval = train_steps.make_eval_step(soft_def, soft_config)
+    soft_step = train_steps.make_train_step(soft_def, soft_config, optimizer, mesh, shardings)
+    soft_eval = train_steps.make_eval_step(soft_def, soft_config, mesh, shardings.params)
   gate_mode = model_config.gate if model_config.mixer == "tgn" else "none"
   phase = lambda step: "soft" if step < soft_steps else gate_mode
   ladder = capacity_ladder(model_config, task.seq_len,
@@ -141,14 +179,16 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
   retries = 0
   prefetched: dict[int, Any] = {}  # the next batch, built while a routed step runs
   stop = _SignalFlag()
-  log = lambda msg: tqdm.write(msg, file=sys.stderr)
   log(f"{task.description} | {model_config.mixer} mixer, gate {model_config.gate}, "
-      f"{n_params:,} params | {jax.devices()[0].device_kind} | run dir {run.path}")
+      f"{n_params:,} params | {jax.devices()[0].device_kind} x {mesh.size} "
+      f"(mesh data:{mesh.shape['data']},fsdp:{mesh.shape['fsdp']}, {jax.process_count()} "
+      f"process(es)) | run dir {run.path}")
 
   interactive = sys.stderr.isatty()
-  bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step",
-             dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if interactive else 30.0)
-  tokens_per_step = int(np.prod(task.train_batch(0).inputs.shape))
+  bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and primary),
+             unit="step", dynamic_ncols=True, file=sys.stderr,
+             mininterval=0.5 if interactive else 30.0)
+  tokens_per_step = task.batch_size * task.seq_len
   sums, count = None, 0
   last_eval: dict[str, Any] = {}
   record: dict[str, Any] = {}
@@ -159,12 +199,12 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
   step = start
   try:
     while step < config.steps and not stop.signum:
-      batch = prefetched.pop(step) if step in prefetched else task.train_batch(step)
+      batch = prefetched.pop(step) if step in prefetched else batch_at(step)
       if phase(step) == "soft":
         state, metrics = soft_step(state, controls(step), *batch, 1.0)
       else:
         prefetch = lambda step=step: prefetched.update(
-            {step + 1: task.train_batch(step + 1)} if step + 1 < config.steps else {})
+            {step + 1: batch_at(step + 1)} if step + 1 < config.steps else {})
         state, metrics, redone = train_steps.routed_step(
             hard_step, state, controls(step), batch, ladder, routed, while_running=prefetch)
         retries += redone
@@ -190,47 +230,144 @@ def train(config: TrainConfig, run: RunDir, task: Task) -> dict[str, Any]:
           record["tokens_per_sec"] = interval_steps * tokens_per_step / (now - interval_start)
         interval_start, interval_steps = now, 0
         _check_finite(record, config, log)
-        run.append_metrics(record)
+        if primary:
+          run.append_metrics(record)
         bar.set_postfix(_postfix(record, last_eval, task), refresh=False)
       if step % config.eval_every == 0 or step == config.steps:
         last_eval = evaluate(soft_eval if phase(step - 1) == "soft" else hard_eval,
-                             state.params, task, step)
+                             state.params, task, step, mesh)
         last_eval["elapsed"] = time.perf_counter() - wall_start
-        run.append_metrics(last_eval)
+        if primary:
+          run.append_metrics(last_eval)
         bar.set_postfix(_postfix(record, last_eval, task), refresh=False)
         interval_start = time.perf_counter()
       if step % config.checkpoint_every == 0 or step == config.steps:
-        state = state._replace(routing_needs=train_steps.routing_needs(ladder.recent))
-        manager.save(step, args=ocp.args.StandardSave(state))
+        state = _with_routing_needs(state, ladder, shardings)
+        _save(manager, step, state)
         last_saved = step
+  except CheckpointError:
+    last_saved = step  # do not try to save again on the way out
+    raise
   finally:
     bar.close()
-    if step != last_saved and (stop.signum or step == config.steps):
-      state = state._replace(routing_needs=train_steps.routing_needs(ladder.recent))
-      manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    stop.restore()
+    try:
+      if step != last_saved and (stop.signum or step == config.steps):
+        state = _with_routing_needs(state, ladder, shardings)
+        _save(manager, step, state, force=True)
+      _finish_saving(manager)
+    finally:
+      manager.close()
+      stop.restore()
 
   if stop.signum and last_eval.get("step") != step:
     last_eval = evaluate(soft_eval if phase(step - 1) == "soft" else hard_eval,
-                         state.params, task, step)
-    run.append_metrics(last_eval)
+                         state.params, task, step, mesh)
+    if primary:
+      run.append_metrics(last_eval)
   summary = _summary(config, model_config, task, run, step, n_params, last_eval, state,
                      time.perf_counter() - wall_start, train_seconds, compile_seconds,
                      interrupted=stop.signum)
-  run.write_json(run.summary, summary)
-  if config.plots:
-    _plot(run, log)
+  summary["mesh"] = {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"],
+                     "devices": mesh.size, "processes": jax.process_count(),
+                     "params_per_device": _params_per_device(state.params)}
+  if primary:
+    run.write_json(run.summary, summary)
+    if config.plots:
+      _plot(run, log)
   return summary
 
 
-def evaluate(eval_fn, params, task: Task, step: int) -> dict[str, Any]:
-  """Aggregates sums over the task's fixed eval sets into one 'eval' record."""
+def _params_per_device(params) -> int:
+  """Parameters held by this process's first device (all of them when nothing is sharded)."""
+  device = jax.local_devices()[0]
+  return int(sum(np.prod(shard.data.shape) for leaf in jax.tree.leaves(params)
+                 for shard in leaf.addressable_shards if shard.device == device))
+
+
+def _with_routing_needs(state, ladder, shardings):
+  """The state with the ladder's memory in it (saved with the checkpoint)."""
+  needs = train_steps.routing_needs(ladder.recent)
+  return state._replace(routing_needs=jax.device_put(needs, shardings.routing_needs))
+
+
+def _restore(manager, run: RunDir, state, shardings, log, primary: bool):
+  """The newest readable checkpoint, restored onto this run's mesh (whatever mesh it was
+  saved from): (state, step). Unreadable ones are set aside (renamed *.unreadable), each
+  said in one line; ConfigError if none is readable."""
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      with _quiet_absl():  # orbax logs its own error for a bad file; ours is the one line
+        return manager.restore(step, args=ocp.args.StandardRestore(target)), step
+    except Exception as e:  # truncated or corrupted files: any reader may fail
+      reason = str(e).splitlines()[0][:160] if str(e) else ""
+      log(f"warning: the checkpoint of step {step} is unreadable ({type(e).__name__}: "
+          f"{reason}); setting it aside as {step}.unreadable and trying an older one")
+      if primary:
+        path = run.checkpoints / str(step)
+        path.rename(path.with_name(f"{step}.unreadable"))
+      _barrier(f"set_aside_{step}")
+      manager.reload()
+  raise ConfigError(f"--resume: no readable checkpoint in {run.checkpoints}")
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  from absl import logging as absl_logging
+  before = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(before)
+
+
+def _save(manager, step: int, state, force: bool = False) -> None:
+  """Saves asynchronously; an error of this save or of an earlier one in flight becomes a
+  CheckpointError (orbax writes to a temporary directory first, so the checkpoints
+  already finished stay intact)."""
+  try:
+    manager.check_for_errors()
+    manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  except Exception as e:
+    raise CheckpointError(_save_failure(manager, step, e)) from None
+
+
+def _finish_saving(manager) -> None:
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:
+    raise CheckpointError(_save_failure(manager, None, e)) from None
+
+
+def _save_failure(manager, step: Optional[int], error: Exception) -> str:
+  intact = [s for s in manager.all_steps() if step is None or s != step]
+  what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+  reason = str(error).splitlines()[0][:200] if str(error) else ""
+  return (f"could not save {what} in {manager.directory}: {type(error).__name__}: {reason}; "
+          f"checkpoints intact: {intact or 'none'}")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None
+             ) -> dict[str, Any]:
+  """Aggregates sums over the task's fixed eval sets into one 'eval' record (on a mesh,
+  each process contributes its rows of every batch)."""
   record: dict[str, Any] = {"kind": "eval", "step": step}
   for name, batches in task.eval_sets.items():
     total = None
     for batch in batches:
+      if mesh is not None:
+        size = len(batch.inputs)
+        rows = sharding.process_rows(mesh, size)
+        batch = sharding.global_batch(mesh, [x[rows.start:rows.stop] for x in batch], size)
       sums = eval_fn(params, *batch)
       total = sums if total is None else train_steps.accumulate(total, sums)
     total = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
@@ -329,14 +466,6 @@ def _plot(run: RunDir, log) -> None:
     plot_run(run.path)
   except Exception as e:  # plots are a convenience: never lose a finished run over them
     log(f"warning: could not write plots: {e}")
-
-
-def _latest_step(checkpoints: Path) -> Optional[int]:
-  if not checkpoints.is_dir():
-    return None
-  steps = [int(p.name) for p in checkpoints.iterdir()
-           if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()]
-  return max(steps) if steps else None
 
 
 class _SignalFlag:

@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from tgn_jax import functional
 from tgn_jax.config import TGNConfig
 from tgn_jax.nn.model import TGNLM
 from tgn_jax.ops.gate import CapacityLadder
+from tgn_jax.training import sharding
 from tgn_jax.training.config import TrainConfig
 
 # apply_if_finite would apply a non-finite update after this many skips; the training
@@ -38,7 +40,7 @@ class TrainState(NamedTuple):
   lam: jax.Array         # float32 scalar: the thermostat's multiplier (before the warm-up ramp)
   step: jax.Array        # int32 scalar: optimizer steps taken
   routing_needs: jax.Array  # float32 [CapacityLadder.WINDOW]: the routing capacity the last
-                            # steps needed, NaN-padded; the ladder's memory, checkpointed so
+                            # steps needed, -1-padded; the ladder's memory, checkpointed so
                             # that a resumed run picks the capacities it would have
 
 
@@ -52,7 +54,7 @@ class StepControls(NamedTuple):
   target_rate: jax.Array  # the thermostat's open-rate target
   lam_lr: jax.Array       # the thermostat's gain
   lam_min: jax.Array      # the thermostat's floor for lambda
-  key: jax.Array          # the run's key; the step's randomness is fold_in(key, step)
+  key: jax.Array          # the run's key data (uint32); the step's key is fold_in(key, step)
 
 
 def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
@@ -76,7 +78,8 @@ def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
   """Host-side: the controls of step `step` (0-based) of a run with config c."""
   lr_table = np.asarray(jax.vmap(learning_rate_schedule(c))(jnp.arange(c.steps + 1)), np.float32)
   warmup = c.lam_warmup_steps
-  key = jax.random.fold_in(jax.random.key(c.seed), 1)
+  # Raw key data: a host value every process passes alike (a typed key lives on a device).
+  key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.seed), 1)))
   f32 = np.float32
 
   def controls(step: int) -> StepControls:
@@ -103,11 +106,24 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
   return jnp.sum(ce * mask_BT) / count, jnp.sum(correct * mask_BT) / count
 
 
-def init_state(model_config: TGNConfig, c: TrainConfig, optimizer) -> tuple[Any, TrainState]:
-  model_def, params = functional.init(model_config, jax.random.key(c.seed))
-  return model_def, TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
-                               lam=jnp.float32(c.lam), step=jnp.int32(0),
-                               routing_needs=routing_needs(()))
+def init_state(model_config: TGNConfig, c: TrainConfig, optimizer, mesh: Optional[Mesh] = None
+               ) -> tuple[Any, TrainState, Any]:
+  """(model_def, the initial TrainState, its shardings or None without a mesh).
+
+  On a mesh the state is created sharded (sharding.state_shardings): no device ever
+  holds all of the parameters.
+  """
+  model_def = model_def_for(model_config)
+
+  def create() -> TrainState:
+    _, params = functional.init(model_config, jax.random.key(c.seed))
+    return TrainState(params=params, opt_state=optimizer.init(params), lam=jnp.float32(c.lam),
+                      step=jnp.int32(0), routing_needs=routing_needs(()))
+
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.state_shardings(jax.eval_shape(create), mesh)
+  return model_def, jax.jit(create, out_shardings=shardings)(), shardings
 
 
 @jax.jit
@@ -122,11 +138,12 @@ def model_def_for(model_config: TGNConfig):
 
 
 def routing_needs(recent) -> jax.Array:
-  """A CapacityLadder's recent needs as TrainState.routing_needs (NaN-padded)."""
-  needs = np.full((CapacityLadder.WINDOW,), np.nan, np.float32)
+  """A CapacityLadder's recent needs as TrainState.routing_needs (-1-padded: every process
+  must pass equal values, and NaN is not equal to itself)."""
+  needs = np.full((CapacityLadder.WINDOW,), -1.0, np.float32)
   recent = list(recent)[-CapacityLadder.WINDOW:]
   needs[:len(recent)] = recent
-  return jnp.asarray(needs)
+  return needs
 
 
 def routes(model_config: TGNConfig) -> bool:
@@ -135,8 +152,12 @@ def routes(model_config: TGNConfig) -> bool:
   return model_config.has_gate and model_config.gate == "hard" and model_config.execution == "sparse"
 
 
-def make_train_step(model_def, model_config: TGNConfig, optimizer):
+def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optional[Mesh] = None,
+                    state_shardings: Any = None):
   """Returns a jitted step(state, controls, inputs, targets, mask, capacity) -> (state, metrics).
+
+  On a mesh: the state in and out with state_shardings (donated), the batch split over
+  (data, fsdp), controls and metrics replicated.
 
   capacity (static): the hard gate's routing capacity, a fraction of each segment. If
   routing at it left tokens out (metrics["overflow"] = 1), the step changes nothing (the
@@ -147,7 +168,7 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer):
   routed = routes(model_config)
 
   def step_fn(state: TrainState, controls: StepControls, inputs, targets, mask, capacity):
-    key = jax.random.fold_in(controls.key, state.step)
+    key = jax.random.fold_in(jax.random.wrap_key_data(controls.key), state.step)
     lam = state.lam * controls.lam_scale
 
     def loss_fn(params):
@@ -182,7 +203,12 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer):
     return new_state, metrics
 
   donate = (0,) if jax.default_backend() != "cpu" else ()
-  return jax.jit(step_fn, donate_argnums=donate, static_argnums=(5,))
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=donate, static_argnums=(5,))
+  batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(step_fn, donate_argnums=donate, static_argnums=(5,),
+                 in_shardings=(state_shardings, replicated, batch, batch, batch),
+                 out_shardings=(state_shardings, replicated))
 
 
 def routed_step(step_fn, state: TrainState, controls: StepControls, batch, ladder: CapacityLadder,
@@ -206,8 +232,10 @@ def routed_step(step_fn, state: TrainState, controls: StepControls, batch, ladde
     redone += 1
 
 
-def make_eval_step(model_def, model_config: TGNConfig):
-  """Returns a jitted eval(params, inputs, targets, mask) -> dict of sums over the batch.
+def make_eval_step(model_def, model_config: TGNConfig, mesh: Optional[Mesh] = None,
+                   params_shardings: Any = None):
+  """Returns a jitted eval(params, inputs, targets, mask) -> dict of sums over the batch
+  (on a mesh: the batch split over (data, fsdp), the sums replicated).
 
   Sums (not means) so batches aggregate exactly: ce, correct, count; per layer the open
   gates at scored / unscored positions and the attention observables over open tokens.
@@ -233,4 +261,8 @@ def make_eval_step(model_def, model_config: TGNConfig):
         sums[name] = jnp.sum(jnp.where(stat_mask, value, 0.0), axis=(1, 2, 3))
     return sums
 
-  return jax.jit(eval_fn)
+  if mesh is None:
+    return jax.jit(eval_fn)
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(eval_fn, in_shardings=(params_shardings, batch, batch, batch),
+                 out_shardings=sharding.replicated(mesh))

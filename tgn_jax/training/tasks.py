@@ -1,7 +1,7 @@
 """Training tasks: a uniform view of MQAR, modular addition and byte-level text.
 
-Every training batch is a pure function of (seed, step), so a resumed run sees exactly
-the batches an uninterrupted run would.
+Every training batch is a pure function of (seed, step), row by row, so a resumed run sees
+exactly the batches an uninterrupted run would, and each process builds only its rows.
 """
 
 from __future__ import annotations
@@ -20,38 +20,51 @@ from tgn_jax.training.config import TrainConfig
 
 @dataclasses.dataclass
 class Task:
-  """name; vocab_size; seq_len; train_batch(step) -> Batch; eval_sets: named lists of
-  fixed batches (the first is the held-out set); metric: 'accuracy' or 'bpb'."""
+  """name; vocab_size; seq_len; batch_size: rows of a training batch; train_batch(step,
+  rows=None) -> Batch, rows a range of them (default all); eval_sets: named lists of fixed
+  batches of batch_size rows (the first is the held-out set); metric: 'accuracy' or 'bpb'."""
 
   name: str
   vocab_size: int
   seq_len: int
-  train_batch: Callable[[int], Batch]
+  batch_size: int
+  train_batch: Callable[..., Batch]
   eval_sets: dict[str, list[Batch]]
   metric: str
   description: str
 
 
-def make_task(config: TrainConfig) -> Task:
-  """Builds the task; raises tgn_jax.data.DataError for bad data or task options."""
-  return {"mqar": _mqar, "modadd": _modadd, "text": _text}[config.task](config)
+def make_task(config: TrainConfig, batch_multiple: int = 1) -> Task:
+  """Builds the task; raises tgn_jax.data.DataError for bad data or task options.
+
+  batch_multiple: the number of batch shards; a full-batch task (modadd) pads its batch
+  with unscored rows to a multiple of it.
+  """
+  if config.task == "modadd":
+    return _modadd(config, batch_multiple)
+  return {"mqar": _mqar, "text": _text}[config.task](config)
 
 
 def _mqar(c: TrainConfig) -> Task:
   kw = dict(seq_len=c.seq_len, num_kv=c.num_kv, vocab_size=c.vocab_size, power_a=c.power_a)
   held_out = mqar_eval_set(c.seed, c.eval_examples, **kw)
   return Task(
-      name="mqar", vocab_size=c.vocab_size, seq_len=c.seq_len,
-      train_batch=lambda step: mqar_batch(c.seed, step, c.batch_size, **kw),
+      name="mqar", vocab_size=c.vocab_size, seq_len=c.seq_len, batch_size=c.batch_size,
+      train_batch=lambda step, rows=None: mqar_batch(c.seed, step, c.batch_size, **kw, rows=rows),
       eval_sets={"eval": _batches(held_out, c.batch_size)}, metric="accuracy",
       description=f"MQAR V={c.vocab_size} T={c.seq_len} kv={c.num_kv}")
 
 
-def _modadd(c: TrainConfig) -> Task:
+def _modadd(c: TrainConfig, batch_multiple: int) -> Task:
   train, test = modadd_splits(c.p, c.train_fraction, c.seed)
+  # Full batch, padded with unscored rows to a multiple of the batch shards.
+  padded = lambda data: _batches(data, -(-len(data.inputs) // batch_multiple) * batch_multiple)[0]
+  train, test = padded(train), padded(test)
+  size = len(train.inputs)
   return Task(
-      name="modadd", vocab_size=modadd_vocab_size(c.p), seq_len=3,
-      train_batch=lambda step: train, eval_sets={"eval": [test], "train": [train]},
+      name="modadd", vocab_size=modadd_vocab_size(c.p), seq_len=3, batch_size=size,
+      train_batch=lambda step, rows=None: _rows(train, rows),
+      eval_sets={"eval": [test], "train": [train]},
       metric="accuracy", description=f"(a + b) mod {c.p}, {len(train.inputs)} training pairs")
 
 
@@ -66,8 +79,9 @@ def _text(c: TrainConfig) -> Task:
     source = str(c.data)
   corpus.check(c.seq_len)
   return Task(
-      name="text", vocab_size=corpus.vocab_size, seq_len=c.seq_len,
-      train_batch=lambda step: corpus.train_batch(c.seed, step, c.batch_size, c.seq_len),
+      name="text", vocab_size=corpus.vocab_size, seq_len=c.seq_len, batch_size=c.batch_size,
+      train_batch=lambda step, rows=None: corpus.train_batch(c.seed, step, c.batch_size,
+                                                             c.seq_len, rows=rows),
       eval_sets={"eval": corpus.val_batches(c.batch_size, c.seq_len, c.eval_batches)},
       metric="bpb",
       description=f"bytes of {source}: {corpus.num_train_bytes:,} train / "
@@ -78,6 +92,10 @@ def _cache_root() -> Path:
   root = os.environ.get("TGN_JAX_CACHE") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tgn_jax")
   return Path(root)
+
+
+def _rows(batch: Batch, rows) -> Batch:
+  return batch if rows is None else Batch(*(x[rows.start:rows.stop] for x in batch))
 
 
 def _batches(data: Batch, batch_size: int) -> list[Batch]:
