@@ -93,18 +93,13 @@ def gibbs_attention(
   batch, q_len, n_heads, head_dim = _check_qkv(q, k, v)
   k_len = k.shape[1]
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
-  q_positions = _check_positions("q_positions", q_positions, batch, q_len, q_lengths)
-  kv_positions = _check_positions("kv_positions", kv_positions, batch, k_len, kv_lengths)
-  q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
-  kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
+  q_positions, kv_positions, q_lengths, kv_lengths, q_pos, kv_pos = _visibility(
+      batch, q_len, k_len, is_causal, q_positions, kv_positions, q_lengths, kv_lengths)
   impl = _resolve_implementation(implementation, q.dtype, head_dim)
   if blocks is not None and impl != "pallas":
     raise ValueError(f"blocks are for implementation='pallas', got {impl!r}")
 
   q_scaled = (q.astype(jnp.float32) / temperature_N[:, None]).astype(q.dtype)
-  q_pos, kv_pos = encode_positions(batch, q_len, k_len, is_causal=is_causal,
-                                   q_positions=q_positions, kv_positions=kv_positions,
-                                   q_lengths=q_lengths, kv_lengths=kv_lengths)
   if impl == "pallas":
     out, _ = flash.flash_attention(q_scaled, k, v, q_pos, kv_pos,
                                    blocks=blocks or flash.FlashBlocks())
@@ -141,6 +136,20 @@ def _masked_attention(q, k, v, q_pos, kv_pos, *, plain: bool, masked: bool, q_le
       q, k, v, mask=mask, scale=1.0, is_causal=plain, query_seq_lengths=q_lengths,
       key_value_seq_lengths=kv_lengths, implementation=implementation)
   return out[:, :q_len]
+
+
+def _visibility(batch: int, q_len: int, k_len: int, is_causal: bool, q_positions, kv_positions,
+                q_lengths, kv_lengths):
+  """The checked arguments (q_positions, kv_positions, q_lengths, kv_lengths) and their
+  encoding (q_pos, kv_pos): see encode_positions."""
+  q_positions = _check_positions("q_positions", q_positions, batch, q_len, q_lengths)
+  kv_positions = _check_positions("kv_positions", kv_positions, batch, k_len, kv_lengths)
+  q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
+  kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
+  q_pos, kv_pos = encode_positions(batch, q_len, k_len, is_causal=is_causal,
+                                   q_positions=q_positions, kv_positions=kv_positions,
+                                   q_lengths=q_lengths, kv_lengths=kv_lengths)
+  return q_positions, kv_positions, q_lengths, kv_lengths, q_pos, kv_pos
 
 
 def encode_positions(batch: int, q_len: int, k_len: int, *, is_causal: bool = True,
@@ -185,15 +194,9 @@ def attention_stats(
   arguments mean what they mean in gibbs_attention; queries that see no key are NaN.
   """
   batch, q_len, n_heads, head_dim = _check_qkv(q, k, k)
-  k_len = k.shape[1]
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
-  q_positions = _check_positions("q_positions", q_positions, batch, q_len, q_lengths)
-  kv_positions = _check_positions("kv_positions", kv_positions, batch, k_len, kv_lengths)
-  q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
-  kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
-  q_pos, kv_pos = encode_positions(batch, q_len, k_len, is_causal=is_causal,
-                                   q_positions=q_positions, kv_positions=kv_positions,
-                                   q_lengths=q_lengths, kv_lengths=kv_lengths)
+  *_, q_pos, kv_pos = _visibility(batch, q_len, k.shape[1], is_causal, q_positions,
+                                  kv_positions, q_lengths, kv_lengths)
   return _stats(q, k, temperature_N, q_pos, kv_pos, key_chunk=key_chunk,
                 query_chunk=query_chunk)
 
