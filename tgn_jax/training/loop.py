@@ -152,6 +152,7 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
   log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if primary else (lambda msg: None)
   if primary:
     run.path.mkdir(parents=True, exist_ok=True)
+  _barrier("run_directory")  # every process opens the checkpoints once process 0 made the directory
   manager = ocp.CheckpointManager(
       run.checkpoints.resolve(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
