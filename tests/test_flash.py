@@ -2,6 +2,8 @@
 reference in values and gradients, observables included, and it never reads a tile that
 no query in it can see."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,10 +145,81 @@ def test_tiles_nobody_sees_are_never_read():
     assert not np.any(np.asarray(d[:, 32:]))
 
 
+def dense_reference(q, k, v, q_pos, kv_pos):
+  """(out, lse) of attention with the position rule written out densely."""
+  kr = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+  vr = jnp.repeat(v, q.shape[2] // k.shape[2], axis=2)
+  visible = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Tq, Tk]
+  s = jnp.where(visible, jnp.einsum("bqnh,bknh->bnqk", q, kr), -jnp.inf)
+  seen = jnp.any(visible, axis=-1)
+  lse = jnp.where(seen, jax.nn.logsumexp(jnp.where(seen[..., None], s, 0.0), axis=-1), -jnp.inf)
+  p = jnp.where(visible, jnp.exp(s - jnp.where(seen, lse, 0.0)[..., None]), 0.0)
+  return jnp.einsum("bnqk,bknh->bqnh", p, vr), jnp.swapaxes(lse, 1, 2)
+
+
+def random_positions(rng, batch, q_len, k_len):
+  """Increasing positions with gaps, repeats, negative values, rows that see nothing at
+  first, non-causal rows and trailing padding on both sides."""
+  q_rows, kv_rows = [], []
+  for _ in range(batch):
+    span = int(rng.choice([k_len, 3 * k_len, 5]))
+    kv = np.sort(rng.integers(-4, span, k_len))
+    q = np.sort(rng.integers(int(kv[0]) - 3, int(kv[-1]) + 4, q_len))
+    if rng.random() < 0.15:
+      q[:] = flash.ALL_KEYS
+    kv[int(rng.integers(0, k_len + 1)) if rng.random() < 0.4 else k_len:] = flash.PAD_KEY
+    q[int(rng.integers(0, q_len + 1)) if rng.random() < 0.4 else q_len:] = flash.PAD_QUERY
+    q_rows.append(q)
+    kv_rows.append(kv)
+  return jnp.asarray(np.stack(q_rows), jnp.int32), jnp.asarray(np.stack(kv_rows), jnp.int32)
+
+
+@pytest.mark.parametrize("blocks", [flash.FlashBlocks(16, 16, 16, 16),
+                                    flash.FlashBlocks(32, 16, 16, 32)], ids=["16", "mixed"])
+def test_random_positions_equal_dense_attention(blocks):
+  """Values, log-sum-exp and gradients (with an lse cotangent) over random positions, with
+  backward tiles that differ from the forward's; most cases run unmasked tiles too."""
+  rng = np.random.default_rng(7)
+
+  def loss(attend):
+    def f(q, k, v, q_pos, kv_pos, w, w_lse):
+      out, lse = attend(q, k, v, q_pos, kv_pos)
+      return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+  kernel = loss(functools.partial(flash.flash_attention, blocks=blocks))
+  dense = loss(dense_reference)
+  for q_len, k_len in ((37, 45), (70, 64), (5, 37)):
+    for _ in range(4):
+      q, w = (jnp.asarray(rng.normal(size=(2, q_len, 4, 8)), jnp.float32) for _ in range(2))
+      k, v = (jnp.asarray(rng.normal(size=(2, k_len, 2, 8)), jnp.float32) for _ in range(2))
+      w_lse = jnp.asarray(rng.normal(size=(2, q_len, 4)), jnp.float32)
+      q_pos, kv_pos = random_positions(rng, 2, q_len, k_len)
+      (value, grads), (ref_value, ref_grads) = (f(q, k, v, q_pos, kv_pos, w, w_lse)
+                                                for f in (kernel, dense))
+      np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-4)
+      for name, a, b in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))),
+                                   err_msg=f"d{name} {q_len}x{k_len}")
+
+
+def test_more_queries_than_keys_with_negative_default_positions():
+  """Tq > Tk puts the first queries at negative positions (the last Tq of the key
+  positions, extended back): they see nothing, and gradients still match XLA."""
+  q, k, v, _ = case(8)
+  q = jnp.concatenate([q, q[:, :13]], axis=1)[:, :50]  # 50 queries over 45 keys
+  weights = jax.random.normal(jax.random.key(1), q.shape)
+  grads = [jax.grad(lambda q, k, v: jnp.sum(gibbs_attention(
+      q, k, v, implementation=impl, **kw) * weights), argnums=(0, 1, 2))(q, k, v)
+           for impl, kw in (("pallas", dict(blocks=BLOCKS)), ("xla", {}))]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_tile_bounds():
   """Per tile: the keys every / some query sees, and per key tile the first query that
   sees it and the first from which all do."""
-  q_pos = jnp.array([[3, 5, 20, 21, 40, 41, flash.PAD_QUERY, flash.PAD_QUERY]])
+  q_pos = jnp.array([[3, 5, 20, 21, 40, 41, flash.PAD_QUERY, flash.PAD_QUERY]], jnp.int32)
   kv_pos = jnp.array([[0, 4, 5, 6, 22, 30, 40, flash.PAD_KEY]])
   every, some = flash._query_tile_bounds(q_pos, kv_pos, 2)
   np.testing.assert_array_equal(every, [[1, 4, 7, 0]])

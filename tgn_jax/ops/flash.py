@@ -17,8 +17,9 @@ are q.k (scale q beforehand). Differentiable in q, k and v (and through lse), by
 own backward kernels. Runs on GPU through Triton and anywhere else in interpret mode.
 
 Padding conventions of callers (gibbs_attention): query slots that must see nothing at
-position PAD_QUERY, keys that must never be seen at position PAD_KEY, and queries that
-see every key (non-causal) at position ALL_KEYS.
+position PAD_QUERY and keys that must never be seen at position PAD_KEY, both after a row's
+real ones; queries that see every key (non-causal) at position ALL_KEYS. Real positions lie
+strictly between PAD_QUERY and ALL_KEYS (negative ones included).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 Array = jax.Array
 
-PAD_QUERY = -1
+PAD_QUERY = int(np.iinfo(np.int32).min)
 PAD_KEY = int(np.iinfo(np.int32).max)
 ALL_KEYS = PAD_KEY - 1
 NO_KEY_LSE = float("-inf")
