@@ -210,3 +210,44 @@ def test_parameters_of_another_configuration_are_named():
     _, params = functional.init(other, jax.random.key(0))
     with pytest.raises(ValueError, match=match):
       functional.apply(model_def, params, tokens)
+
+
+def test_resume_with_other_model_options_keeps_the_checkpoints(saved_run, tmp_path, capsys):
+  """Another model's options are an error (one line), never a reason to set checkpoints
+  aside: through a --config file, and through the API, where the checkpoint's shapes say it."""
+  other = tmp_path / "other.json"
+  other.write_text(json.dumps({"d_model": 32}))
+  capsys.readouterr()
+  assert cli.main([f"--out={saved_run}", "--resume", f"--config={other}"]) == 2
+  assert "--d_model cannot change on --resume" in capsys.readouterr().err
+  from tgn_jax.training.config import resolve
+  stored = json.loads((saved_run / "config.json").read_text())
+  config = resolve({"resume": True, "d_model": 32}, base=stored)
+  run, task, mesh = loop.prepare(config)
+  with pytest.raises(loop.ConfigError, match=r"holds .* of shape .* needs"):
+    loop.train(config, run, task, mesh)
+  assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == ["4", "8"]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """SIGTERM reaches process 0 only: both processes stop at the same step (agreed at a
+  logging step), save one checkpoint and exit 128 + 15."""
+  import signal
+  import time
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "run"
+  args = [a for a in RUN if not a.startswith(("--steps", "--log_every", "--checkpoint_every"))]
+  processes = [train_py(args + ["--steps=400", "--log_every=2", "--checkpoint_every=1000",
+                                f"--out={out}", f"--coordinator=localhost:{port}",
+                                "--num_processes=2", f"--process_id={i}"], 2) for i in range(2)]
+  deadline = time.time() + 240
+  while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+    time.sleep(0.5)
+  processes[0].send_signal(signal.SIGTERM)
+  codes = [finished(p)[0] for p in processes]
+  assert codes == [128 + signal.SIGTERM] * 2
+  done = summary(out)["steps_completed"]
+  assert done < 400 and done % 2 == 0
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [str(done)]

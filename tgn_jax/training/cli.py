@@ -85,13 +85,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if not run_dir.config.exists():
         raise ConfigError(f"--resume: no checkpoint to resume in {run_dir.path}")
       stored = run_dir.stored_config()
-      check_resume_changes(stored, explicit)
+      check_resume_changes(stored, {**_file_values(config_file), **explicit})
       config = resolve(explicit, config_file, base=stored)
     else:
       config = resolve(explicit, config_file)
-      if "out" not in explicit and (config_file is None or "out" not in _file_keys(config_file)):
-        config = dataclasses.replace(config, out=default_out(config.task))
     sharding.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
+    if not config.resume and "out" not in explicit and "out" not in _file_values(config_file):
+      if jax_process_count() > 1:  # each process would pick its own time-stamped directory
+        raise ConfigError("--out is needed with several processes: the run directory they share")
+      config = dataclasses.replace(config, out=default_out(config.task))
     run, task, mesh = prepare(config)
   except (ConfigError, DataError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
@@ -114,9 +116,21 @@ def jax_process_index() -> int:
   return jax.process_index()
 
 
-def _file_keys(path: str) -> set[str]:
+def jax_process_count() -> int:
+  import jax
+  return jax.process_count()
+
+
+def _file_values(path: Optional[str]) -> dict[str, Any]:
+  """The options a --config file sets (none without one; resolve reports a bad file)."""
   import json
-  return set(json.loads(Path(path).read_text()))
+  if path is None:
+    return {}
+  try:
+    data = json.loads(Path(path).read_text())
+  except (OSError, ValueError):
+    return {}
+  return data if isinstance(data, dict) else {}
 
 
 def format_summary(s: dict[str, Any]) -> str:

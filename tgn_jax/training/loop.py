@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -119,7 +120,7 @@ def checkpoint_steps(directory: Path) -> list[int]:
   if not directory.is_dir():
     return []
   manager = ocp.CheckpointManager(directory.resolve(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(create=False))
   try:
     return sorted(manager.all_steps())
   finally:
@@ -154,7 +155,7 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
     run.path.mkdir(parents=True, exist_ok=True)
   _barrier("run_directory")  # every process opens the checkpoints once process 0 made the directory
   manager = ocp.CheckpointManager(
-      run.checkpoints.resolve(),
+      run.checkpoints.resolve(), item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
   start = 0
   if config.resume:
@@ -198,8 +199,9 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
   interval_start, interval_steps = None, 0
   train_seconds, compile_seconds = 0.0, None
   step = start
+  stopping = 0  # the signal that stops the run, agreed by every process
   try:
-    while step < config.steps and not stop.signum:
+    while step < config.steps and not stopping:
       batch = prefetched.pop(step) if step in prefetched else batch_at(step)
       if phase(step) == "soft":
         state, metrics = soft_step(state, controls(step), *batch, 1.0)
@@ -246,13 +248,17 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
         state = _with_routing_needs(state, ladder, shardings)
         _save(manager, step, state)
         last_saved = step
+      # A signal reaches each process on its own; with several, they stop together at a
+      # logging step (one that did not would wait forever in the next step's collectives).
+      if jax.process_count() == 1 or step % config.log_every == 0:
+        stopping = _max_over_processes(stop.signum)
   except CheckpointError:
     last_saved = step  # do not try to save again on the way out
     raise
   finally:
     bar.close()
     try:
-      if step != last_saved and (stop.signum or step == config.steps):
+      if step != last_saved and (stopping or step == config.steps):
         state = _with_routing_needs(state, ladder, shardings)
         _save(manager, step, state, force=True)
       _finish_saving(manager)
@@ -260,14 +266,14 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
       manager.close()
       stop.restore()
 
-  if stop.signum and last_eval.get("step") != step:
+  if stopping and last_eval.get("step") != step:
     last_eval = evaluate(soft_eval if phase(step - 1) == "soft" else hard_eval,
                          state.params, task, step, mesh)
     if primary:
       run.append_metrics(last_eval)
   summary = _summary(config, model_config, task, run, step, n_params, last_eval, state,
                      time.perf_counter() - wall_start, train_seconds, compile_seconds,
-                     interrupted=stop.signum)
+                     interrupted=stopping)
   summary["mesh"] = {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"],
                      "devices": mesh.size, "processes": jax.process_count(),
                      "params_per_device": _params_per_device(state.params)}
@@ -293,24 +299,72 @@ def _with_routing_needs(state, ladder, shardings):
 
 def _restore(manager, run: RunDir, state, shardings, log, primary: bool):
   """The newest readable checkpoint, restored onto this run's mesh (whatever mesh it was
-  saved from): (state, step). Unreadable ones are set aside (renamed *.unreadable), each
-  said in one line; ConfigError if none is readable."""
+  saved from): (state, step).
+
+  A checkpoint of another model (its shapes differ from this run's) is a ConfigError. One
+  that cannot be read (truncated or corrupted files) is set aside (renamed
+  STEP.unreadable), said in one line, and the next older one is tried; ConfigError if none
+  is readable. Every process takes the same decisions.
+  """
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, shardings)
   for step in sorted(manager.all_steps(), reverse=True):
+    error = None
     try:
       with _quiet_absl():  # orbax logs its own error for a bad file; ours is the one line
-        return manager.restore(step, args=ocp.args.StandardRestore(target)), step
+        _check_shapes(manager.item_metadata(step), target, step)
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except ConfigError:
+      raise
     except Exception as e:  # truncated or corrupted files: any reader may fail
-      reason = str(e).splitlines()[0][:160] if str(e) else ""
-      log(f"warning: the checkpoint of step {step} is unreadable ({type(e).__name__}: "
-          f"{reason}); setting it aside as {step}.unreadable and trying an older one")
-      if primary:
-        path = run.checkpoints / str(step)
-        path.rename(path.with_name(f"{step}.unreadable"))
-      _barrier(f"set_aside_{step}")
-      manager.reload()
+      error = e
+    if not _any_process(error is not None):
+      return restored, step
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if error else \
+        "unreadable on another process"
+    aside = _unused_name(run.checkpoints / f"{step}.unreadable")
+    log(f"warning: the checkpoint of step {step} is unreadable ({reason}); setting it aside "
+        f"as {aside.name} and trying an older one")
+    _barrier(f"unreadable_{step}")
+    if primary:
+      (run.checkpoints / str(step)).rename(aside)
+    _barrier(f"set_aside_{step}")
+    manager.reload()
   raise ConfigError(f"--resume: no readable checkpoint in {run.checkpoints}")
+
+
+def _check_shapes(metadata, target, step: int) -> None:
+  """ConfigError if the checkpoint's arrays do not have the shapes this run's model needs
+  (e.g. resumed with other model options)."""
+  names = lambda path: tuple(re.findall(r"\w+", jax.tree_util.keystr(path)))
+  saved = {names(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(metadata)
+           if hasattr(x, "shape")}
+  for path, x in jax.tree_util.tree_leaves_with_path(target):
+    name = names(path)
+    if name in saved and saved[name] != tuple(x.shape):
+      raise ConfigError(f"--resume: the checkpoint of step {step} holds {'.'.join(name)} of shape "
+                        f"{saved[name]}, this run's model needs {tuple(x.shape)}: resume with "
+                        "the run's own model options")
+
+
+def _unused_name(path: Path) -> Path:
+  candidate, n = path, 1
+  while candidate.exists():
+    n += 1
+    candidate = path.with_name(f"{path.name}-{n}")
+  return candidate
+
+
+def _any_process(flag: bool) -> bool:
+  """True if `flag` is true on any process (every process gets the same answer)."""
+  return _max_over_processes(int(bool(flag))) > 0
+
+
+def _max_over_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 @contextlib.contextmanager
@@ -325,22 +379,32 @@ def _quiet_absl():
 
 
 def _save(manager, step: int, state, force: bool = False) -> None:
-  """Saves asynchronously; an error of this save or of an earlier one in flight becomes a
-  CheckpointError (orbax writes to a temporary directory first, so the checkpoints
-  already finished stay intact)."""
+  """Saves asynchronously; an error of this save or of an earlier one in flight, on any
+  process, becomes a CheckpointError on every process (orbax writes to a temporary
+  directory first, so the checkpoints already finished stay intact)."""
+  error = None
   try:
     manager.check_for_errors()
     manager.save(step, args=ocp.args.StandardSave(state), force=force)
   except Exception as e:
-    raise CheckpointError(_save_failure(manager, step, e)) from None
+    error = e
+  _raise_if_any(manager, step, error)
 
 
 def _finish_saving(manager) -> None:
+  error = None
   try:
     manager.wait_until_finished()
     manager.check_for_errors()
   except Exception as e:
-    raise CheckpointError(_save_failure(manager, None, e)) from None
+    error = e
+  _raise_if_any(manager, None, error)
+
+
+def _raise_if_any(manager, step: Optional[int], error: Optional[Exception]) -> None:
+  if _any_process(error is not None):
+    raise CheckpointError(_save_failure(manager, step, error or RuntimeError(
+        "another process could not save")))
 
 
 def _save_failure(manager, step: Optional[int], error: Exception) -> str:
