@@ -27,7 +27,6 @@ reads its overflow flag back to the host, and an overflowing step is redone (cou
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import jax

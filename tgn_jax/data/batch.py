@@ -33,13 +33,6 @@ def _check_u32(name: str, value: int) -> None:
         raise DataError(f"{name} must be in [0, 2**32), got {value}")
 
 
-def batch_rng(seed: int, step: int) -> np.random.Generator:
-    """A generator for training step `step` of run `seed`; pure function of (seed, step)."""
-    _check_u32("seed", seed)
-    _check_u32("step", step)
-    return np.random.default_rng([int(seed), int(step)])
-
-
 def row_rng(seed: int, step: int, row: int) -> np.random.Generator:
     """The generator of row `row` of training batch `step` of run `seed`."""
     _check_u32("seed", seed)
@@ -58,6 +51,6 @@ def batch_rows(batch_size: int, rows: range | None) -> range:
 
 
 def heldout_rng(seed: int) -> np.random.Generator:
-    """A generator for held-out data, disjoint from every `batch_rng(seed', step')` stream."""
+    """A generator for held-out data, disjoint from every `row_rng(seed', step', row')` stream."""
     _check_u32("seed", seed)
     return np.random.default_rng([int(seed), 0, _HELDOUT_TAG])

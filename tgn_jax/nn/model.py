@@ -199,7 +199,6 @@ class TGNLM(nnx.Module):
     unusable afterwards): continue from Decoded.cache and Decoded.next_logits at
     position + steps.
     """
-    cfg = self.config
     _check_positive_int("steps", steps)
     if isinstance(position, bool) or not isinstance(position, int) or position < 0:
       raise ValueError(f"position must be a non-negative integer, got {position!r}")
