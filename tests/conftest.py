@@ -17,6 +17,11 @@ import jax
 import pytest
 
 
+# On GPUs XLA multiplies float32 matrices in TF32 by default (about 1e-3 relative error):
+# references computed by XLA must be true float32 for the tests' tolerances to mean anything.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def pytest_collection_modifyitems(config, items):
   if jax.default_backend() == "gpu":
     return
