@@ -82,11 +82,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def write_results(name: str, results: dict[str, Any], out: str | None) -> Path:
+  from tgn_jax.training.rundir import write_json
   path = Path(out) if out else RESULTS_DIR / f"{name}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
-  os.replace(tmp, path)
+  write_json(path, results)
   return path
 
 
@@ -104,42 +103,33 @@ def _fmt(value) -> str:
 
 
 def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
-  """Trains with tgn_jax's own loop (train.py's options) into `out`; returns its summary.
+  """Trains with tgn_jax's own loop (train.py's options, flat or dotted) into `out`; returns
+  its summary.
 
-  A finished run already in `out` is reused, an interrupted one resumed, so a long sweep
+  A finished run already in `out` is reused, an interrupted one resumed (the run
+  directory's policy: options other than the run section's must match), so a long sweep
   can be stopped and started again.
   """
+  from tgn_jax.training import rundir
   from tgn_jax.training.config import resolve
   from tgn_jax.training.loop import prepare, train
-  summary_path = out / "summary.json"
-  if (out / "config.json").exists():
-    stored = json.loads((out / "config.json").read_text())
-    changed = {k: (stored.get(k), v) for k, v in options.items() if stored.get(k) != v}
-    if changed:
-      raise ValueError(f"{out} holds a run with other options (stored, requested): {changed}")
-  if summary_path.exists():
-    summary = json.loads(summary_path.read_text())
-    if not summary.get("interrupted_by") and summary["steps_completed"] >= summary["steps_requested"]:
-      return summary
-  resume = (out / "config.json").exists() and (out / "checkpoints").exists()
-  config = resolve({**options, "out": str(out), "progress": False, "plots": False,
-                    "resume": resume},
-                   base=json.loads((out / "config.json").read_text()) if resume else None)
-  run, task, mesh = prepare(config)
-  return train(config, run, task, mesh)
+  run = rundir.RunDir(out)
+  quiet = {"run.out": str(out), "run.progress": False, "run.plots": False}
+  if run.config.exists():
+    stored = run.stored_config()
+    rundir.check_resume_changes(stored, options)
+    if run.finished():
+      return run.read_summary()
+  resume = run.config.exists() and bool(rundir.checkpoint_steps(run.checkpoints))
+  config = resolve({**options, **quiet, "run.resume": resume},
+                   base=run.stored_config() if resume else None)
+  return train(config, *prepare(config))
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
   """The train or eval records of a run's metrics.jsonl."""
-  records = []
-  for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if record.get("kind") == kind:
-      records.append(record)
-  return records
+  from tgn_jax.training.rundir import RunDir
+  return RunDir(run_dir).records(kind)
 
 
 def save_partial(name: str, args, rows: list[dict[str, Any]]) -> None:

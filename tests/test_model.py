@@ -461,3 +461,30 @@ def test_sparse_equals_dense_bf16_cudnn_on_gpu():
     assert float(jnp.linalg.norm(gs - gd)) <= 5e-2 * float(jnp.linalg.norm(gd)) + 1e-6
   (_, (_, aux_o)), _ = run(params, sparse_def, float(aux.capacity_needed) / 2)
   assert bool(aux_o.overflow)
+
+
+def test_module_call_goes_through_functional_with_one_split(monkeypatch):
+  config = TGNConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_seq_len=8)
+  model = TGNLM(config, rngs=nnx.Rngs(0))
+  tokens = jnp.arange(8, dtype=jnp.int32)[None] % 16
+  calls = {"split": 0, "apply": 0}
+  real_split, real_apply = nnx.split, functional.apply
+
+  def counting_split(*args, **kwargs):
+    calls["split"] += 1
+    return real_split(*args, **kwargs)
+
+  def counting_apply(*args, **kwargs):
+    calls["apply"] += 1
+    return real_apply(*args, **kwargs)
+
+  monkeypatch.setattr(nnx, "split", counting_split)
+  monkeypatch.setattr(functional, "apply", counting_apply)
+  logits, _ = model(tokens, capacity=1.0)
+  assert calls == {"split": 1, "apply": 1}
+  model_def, params = real_split(model)
+  expected, _ = real_apply(model_def, params, tokens, capacity=1.0)
+  np.testing.assert_array_equal(logits, expected)
+  calls.update(split=0)
+  jax.jit(lambda p: real_apply(model_def, p, tokens, capacity=1.0)[0]).lower(params)
+  assert calls["split"] == 0  # the pure path traces without splitting the model

@@ -80,7 +80,7 @@ def test_mqar_accuracy_rises_far_above_chance(mqar_run):
 @pytest.mark.xdist_group("mqar_run")
 def test_thermostat_moves_open_rate_to_target(mqar_run):
   out, _ = mqar_run
-  target = summary(out)["config"]["target_rate"]
+  target = summary(out)["config"]["thermostat"]["target_rate"]
   hard = [r for r in records(out, "train") if r["gate_mode"] == "hard"]
   start_rate, final_rate = hard[0]["gate_hard"], np.mean([r["gate_hard"] for r in hard[-4:]])
   assert start_rate > 0.6 and final_rate < start_rate - 0.25, (start_rate, final_rate)
@@ -271,7 +271,7 @@ def test_modadd_logs_specific_heat_and_train_accuracy(tmp_path, capsys):
   for r in evals:
     assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["eval_accuracy"] <= 1
     assert len(r["specific_heat"]) == 1 and r["specific_heat"][0] >= 0
-  assert summary(out)["config"]["weight_decay"] == 1.0  # the Nanda preset
+  assert summary(out)["config"]["optimizer"]["weight_decay"] == 1.0  # the Nanda preset
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -340,7 +340,8 @@ def test_config_file_and_flag_precedence(tmp_path):
   path = tmp_path / "c.json"
   path.write_text(json.dumps({"task": "modadd", "d_model": 48, "steps": 7}))
   c = resolve({"steps": 9}, str(path))
-  assert (c.task, c.d_model, c.steps, c.weight_decay) == ("modadd", 48, 9, 1.0)
+  assert (c.task.name, c.model["d_model"], c.run.steps, c.optimizer.weight_decay) == (
+      "modadd", 48, 9, 1.0)
   path.write_text(json.dumps({"bogus": 1}))
   with pytest.raises(ValueError, match="unknown option 'bogus'"):
     resolve({}, str(path))
@@ -354,3 +355,61 @@ def test_help_lists_options_with_defaults():
                  "--resume", "--d_model", "--n_layers", "--n_heads", "--mixer", "--gate"):
     assert option in result.stdout
   assert "(default: 1500)" in result.stdout and "modadd:" in result.stdout
+
+
+def test_every_model_field_has_a_flag_and_reaches_the_model(tmp_path):
+  from tgn_jax.config import TGNConfig
+  from tgn_jax.training.cli import build_parser
+  parser = build_parser()
+  values = {"n_kv_heads": "1", "gate_threshold": "0.4", "capacity_buckets": "0.5,1",
+            "rope": None, "param_dtype": "bfloat16", "gate_hidden": "12", "rope_base": "500",
+            "attention_impl": "xla", "temperature": "learned"}
+  argv = []
+  for name, value in values.items():
+    argv += [f"--model.{name}"] + ([value] if value is not None else [])
+  argv[argv.index("--model.rope")] = "--no-model.rope"
+  explicit = vars(parser.parse_args(argv))
+  model = resolve(explicit).model_config(vocab_size=64, max_seq_len=32)
+  assert (model.n_kv_heads, model.gate_threshold, model.capacity_buckets, model.rope,
+          model.param_dtype, model.gate_hidden, model.rope_base, model.attention_impl,
+          model.temperature) == (1, 0.4, (0.5, 1.0), False, "bfloat16", 12, 500.0, "xla",
+                                 "learned")
+  flagged = {a.dest for a in parser._actions}
+  missing = [f for f in TGNConfig.__dataclass_fields__ if f not in ("vocab_size", "max_seq_len")
+             and f"model.{f}" not in flagged]
+  assert not missing, missing
+
+
+def test_flat_and_dotted_spellings_and_nested_file_agree(tmp_path):
+  from tgn_jax.training.cli import build_parser
+  parser = build_parser()
+  flat = resolve(vars(parser.parse_args(["--d_model=48", "--lr=0.01", "--steps=7"])))
+  dotted = resolve(vars(parser.parse_args(
+      ["--model.d_model=48", "--optimizer.lr=0.01", "--run.steps=7"])))
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps({"model": {"d_model": 48}, "optimizer": {"lr": 0.01},
+                              "run": {"steps": 7}}))
+  from_file = resolve({}, str(path))
+  assert flat == dotted == from_file
+  assert flat.to_dict() == json.loads(json.dumps(flat.to_dict()))  # JSON round trip
+  assert resolve({}, base=flat.to_dict()) == flat
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.gate_threshold=1.5"], "--model.gate_threshold: gate_threshold must be in (0, 1)"),
+    (["--model.capacity_buckets=0.5"], "--model.capacity_buckets: capacity_buckets must"),
+    (["--n_heads=3"], "--d_model: d_model (64) must be divisible by n_heads (3)"),
+    (["--optimizer.b2=1"], "--b2 must be in [0, 1)"),
+])
+def test_errors_name_the_flag(argv, message, capsys):
+  code, _, err = run_main(argv, capsys)
+  assert code == 2 and message in err, err
+
+
+def test_help_shows_true_defaults():
+  from tgn_jax.config import TGNConfig
+  from tgn_jax.training.cli import build_parser
+  text = build_parser().format_help()
+  assert "runs/latest" not in text and "default: runs/TASK-DATE-TIME" in text
+  assert f"(default: {TGNConfig(vocab_size=2).gate_threshold})" in text
+  assert "--model.gate_threshold" in text and "--d_model" in text

@@ -23,6 +23,14 @@ IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+class ConfigFieldError(ValueError):
+  """A bad TGNConfig value; `field` names the field the message is about."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(message)
+    self.field = field
+
+
 @dataclasses.dataclass(frozen=True)
 class TGNConfig:
   """Hyper-parameters of a TGN language model and of its baselines.
@@ -105,13 +113,13 @@ class TGNConfig:
       if value is not None:
         _require_positive_int(name, value)
     if self.d_model % self.n_heads:
-      raise ValueError(
+      raise ConfigFieldError("d_model", 
           f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
     if self.n_heads % self.kv_heads:
-      raise ValueError(
+      raise ConfigFieldError("n_heads", 
           f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
     if self.rope and self.head_dim % 2:
-      raise ValueError(f"rope needs an even head dimension, got d_model/n_heads = {self.head_dim}")
+      raise ConfigFieldError("rope", f"rope needs an even head dimension, got d_model/n_heads = {self.head_dim}")
     _require_choice("mixer", self.mixer, MIXERS)
     _require_choice("recurrence", self.recurrence, RECURRENCES)
     _require_choice("gate", self.gate, GATE_MODES)
@@ -121,21 +129,21 @@ class TGNConfig:
     _require_choice("param_dtype", self.param_dtype, tuple(DTYPES))
     _require_choice("kv", self.kv, KEY_VALUES)
     if self.kv == "open" and not (self.mixer == "tgn" and self.gate == "hard"):
-      raise ValueError(f"kv='open' needs mixer='tgn' and gate='hard', got mixer={self.mixer!r}, "
+      raise ConfigFieldError("kv", f"kv='open' needs mixer='tgn' and gate='hard', got mixer={self.mixer!r}, "
                        f"gate={self.gate!r}")
     if self.attention_execution == "sparse" and self.gate != "hard":
-      raise ValueError(
+      raise ConfigFieldError("attention_execution", 
           f"attention_execution='sparse' needs gate='hard', got gate={self.gate!r}")
     if not 0.0 < self.gate_threshold < 1.0:
-      raise ValueError(f"gate_threshold must be in (0, 1), got {self.gate_threshold}")
+      raise ConfigFieldError("gate_threshold", f"gate_threshold must be in (0, 1), got {self.gate_threshold}")
     if not 0.0 <= self.exploration <= 1.0:
-      raise ValueError(f"exploration must be in [0, 1], got {self.exploration}")
+      raise ConfigFieldError("exploration", f"exploration must be in [0, 1], got {self.exploration}")
     if not 0.0 <= self.exploration_floor < 1.0:
-      raise ValueError(f"exploration_floor must be in [0, 1), got {self.exploration_floor}")
+      raise ConfigFieldError("exploration_floor", f"exploration_floor must be in [0, 1), got {self.exploration_floor}")
     buckets = tuple(self.capacity_buckets)
     if (not buckets or any(not 0.0 < f <= 1.0 for f in buckets)
         or list(buckets) != sorted(buckets) or buckets[-1] != 1.0):
-      raise ValueError(
+      raise ConfigFieldError("capacity_buckets", 
           "capacity_buckets must be increasing fractions in (0, 1] ending with 1.0 (the "
           "capacity that holds every token, so that no open token is ever dropped), "
           f"got {self.capacity_buckets}")
@@ -143,15 +151,15 @@ class TGNConfig:
     temperature = self.temperature
     if isinstance(temperature, str):
       if temperature != "learned":
-        raise ValueError(
+        raise ConfigFieldError("temperature", 
             f"temperature must be None, a positive number or 'learned', got {temperature!r}")
     elif temperature is not None:
       if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
           math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        raise ConfigFieldError("temperature", f"temperature must be a positive number, got {temperature!r}")
       object.__setattr__(self, "temperature", float(temperature))
     if not self.rope_base > 0:
-      raise ValueError(f"rope_base must be positive, got {self.rope_base}")
+      raise ConfigFieldError("rope_base", f"rope_base must be positive, got {self.rope_base}")
 
   @property
   def head_dim(self) -> int:
@@ -205,10 +213,10 @@ class TGNConfig:
 
 def _require_positive_int(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    raise ConfigFieldError(name, f"{name} must be a positive integer, got {value!r}")
 
 
 def _require_choice(name: str, value, choices) -> None:
   if value not in choices:
     shown = ", ".join(repr(c) for c in choices)
-    raise ValueError(f"{name} must be one of {shown}; got {value!r}")
+    raise ConfigFieldError(name, f"{name} must be one of {shown}; got {value!r}")

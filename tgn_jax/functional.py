@@ -1,7 +1,9 @@
-"""Pure-function facade: parameters as a pytree, the model structure as a static value.
+"""The pure entry point: parameters as a pytree, the model structure as a static value.
 
   model_def, params = init(config, key)
   logits, aux = apply(model_def, params, tokens)        # composes with jit/grad/vmap
+
+`TGNLM.__call__` and the training step both run the model through `apply`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from tgn_jax.config import TGNConfig
-from tgn_jax.nn.model import ModelAux, StatsMode, TGNLM
+from tgn_jax.nn.model import (ModelAux, StatsMode, TGNLM, _apply, _check_tokens, _is_traced,
+                              _run_exact)
 
 
 def init(config: TGNConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
@@ -32,7 +35,15 @@ def apply(model_def: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, *,
   recompute at a larger one when it is set (tgn_jax.ops.CapacityLadder does the choice).
   """
   _check_params(model_def, params)
-  return nnx.merge(model_def, params)(tokens_BT, rng=rng, stats=stats, capacity=capacity)
+  config = _config_of(model_def)
+  if config is None:
+    raise TypeError("model_def must be the GraphDef of a TGNLM (from init or nnx.split)")
+  _check_tokens(tokens_BT, config)
+  if stats not in (None, "mean", "token"):
+    raise ValueError(f"stats must be None, 'mean' or 'token', got {stats!r}")
+  run = lambda c: _apply(model_def, params, tokens_BT, rng, stats, c)
+  return _run_exact(run, capacity, config, (model_def, tokens_BT.shape, rng is None),
+                    traced=_is_traced((tokens_BT, params, rng)))
 
 
 def _check_params(model_def: nnx.GraphDef, params: nnx.State) -> None:

@@ -79,13 +79,9 @@ class TGNLM(nnx.Module):
       redone, so no token is ever left out); under a transformation (jit, grad, vmap),
       1.0. An explicit fraction below 1 is the caller's promise to check aux.overflow.
     """
-    _check_tokens(tokens_BT, self.config)
-    if stats not in (None, "mean", "token"):
-      raise ValueError(f"stats must be None, 'mean' or 'token', got {stats!r}")
-    graph_def, state = nnx.split(self)
-    run = lambda c: _apply(graph_def, state, tokens_BT, rng, stats, c)
-    return _run_exact(run, capacity, self.config, (graph_def, tokens_BT.shape, rng is None),
-                      traced=_is_traced((tokens_BT, state, rng)))
+    from tgn_jax import functional  # the one pure entry point (it is built on this module)
+    return functional.apply(*nnx.split(self), tokens_BT, rng=rng, stats=stats,
+                            capacity=capacity)
 
   def _forward(self, tokens_BT, *, rng, stats: StatsMode, capacity: float,
                cache: Optional[LayerCache] = None, last_logits_only: bool = False):
@@ -93,8 +89,8 @@ class TGNLM(nnx.Module):
     cfg = self.config
     batch, seq_len = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-    block_def, block_state = nnx.split(self.blocks)
-    block_state = _cast_matrices(block_state, cfg.compute_dtype)
+    block_def = _block_def(cfg)
+    block_state = _cast_matrices(nnx.state(self.blocks), cfg.compute_dtype)
     layer_keys = jax.random.split(rng, cfg.n_layers) if rng is not None else None
 
     def layer(x, inputs):
@@ -305,8 +301,8 @@ def _decode_steps(graph_def, state, caches, logits_BV, position, key, temperatur
                   steps: int, sample: bool) -> Decoded:
   model: TGNLM = nnx.merge(graph_def, state)
   cfg = model.config
-  block_def, block_state = nnx.split(model.blocks)
-  block_state = _cast_matrices(block_state, cfg.compute_dtype)
+  block_def = _block_def(cfg)
+  block_state = _cast_matrices(nnx.state(model.blocks), cfg.compute_dtype)
   blocks = [nnx.merge(block_def, jax.tree.map(lambda p: p[i], block_state))
             for i in range(cfg.n_layers)]
 
@@ -354,8 +350,13 @@ def _stacked_blocks(config: TGNConfig, key: jax.Array) -> Block:
   keys = jax.random.split(key, config.n_layers)
   # One compiled initialisation instead of many small eager ops.
   state = jax.jit(jax.vmap(lambda k: nnx.state(Block(config, rngs=nnx.Rngs(k)))))(keys)
-  block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))
-  return nnx.merge(block_def, state)
+  return nnx.merge(_block_def(config), state)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_def(config: TGNConfig) -> nnx.GraphDef:
+  """The static structure of one block (its parameters come from the stacked state)."""
+  return nnx.graphdef(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))
 
 
 def _summarize(layer_aux: LayerAux, stats: StatsMode) -> ModelAux:

@@ -1,4 +1,4 @@
-"""Command line of train.py: flags generated from TrainConfig, clear one-line errors."""
+"""Command line of train.py: flags generated from the TrainConfig sections, one-line errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tgn_jax.data import DataError
-from tgn_jax.training.config import TASK_PRESETS, ConfigError, TrainConfig, resolve
+from tgn_jax.training.config import (OPTIONS, PRESETS, ConfigError, Option, flatten, nest,
+                                     resolve)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -29,39 +30,74 @@ def _none_or(cast):
   return parse
 
 
+def _temperature(text: str):
+  if text.lower() in ("none", "null", ""):
+    return None
+  return "learned" if text == "learned" else float(text)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  return tuple(float(x) for x in text.split(",") if x)
+
+
+def _parse_kwargs(option: Option) -> dict[str, Any]:
+  """argparse keywords for one option, from its type annotation."""
+  kind = option.kind
+  if kind is bool:
+    return {"action": argparse.BooleanOptionalAction}
+  if option.path == "model.temperature":
+    return {"type": _temperature, "metavar": "T"}
+  if option.path == "model.capacity_buckets":
+    return {"type": _floats, "metavar": "F,F,..."}
+  if option.choices is not None:  # checked by the config, whose message lists the choices
+    optional = type(None) in typing.get_args(kind)
+    return {"type": _none_or(str) if optional else str,
+            "metavar": "{" + ",".join(map(str, option.choices)) + "}"}
+  inner = [a for a in typing.get_args(kind) if a is not type(None)]
+  base = inner[0] if inner else kind
+  if base is bool:
+    return {"action": argparse.BooleanOptionalAction}
+  cast = {int: int, float: float, str: str}[base]
+  return {"type": _none_or(cast) if inner else cast, "metavar": base.__name__.upper()}
+
+
 def build_parser() -> argparse.ArgumentParser:
   presets = "\n".join(
-      f"  {task}: " + (", ".join(f"{k}={v}" for k, v in preset.items()) or "(the defaults)")
-      for task, preset in TASK_PRESETS.items())
+      f"  {task}: " + ", ".join(f"{path}={v}" for path, v in flatten(preset).items())
+      for task, preset in PRESETS.items())
   parser = _Parser(
       prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Train a Thermodynamic Gated Network (or a baseline) by minimising the free "
-                  "energy  loss = cross-entropy + lam * mean gate.",
-      epilog="Defaults shown are for --task mqar; each task first applies its preset:\n" + presets
-             + "\nPrecedence: defaults < task preset < --config file < flags.")
-  parser.add_argument("--config", metavar="FILE", help="JSON object of options (flags override it)")
-  hints = typing.get_type_hints(TrainConfig)
-  for field in dataclasses.fields(TrainConfig):
-    kind = hints[field.name]
-    help_text = f"{field.metadata['help']} (default: {field.default})"
-    kwargs: dict[str, Any] = {"help": help_text}
-    if kind is bool:
-      kwargs["action"] = argparse.BooleanOptionalAction
-    else:
-      inner = [a for a in typing.get_args(kind) if a is not type(None)]
-      base = inner[0] if inner else kind
-      cast = {int: int, float: float, str: str}[base]
-      kwargs["type"] = _none_or(cast) if inner else cast
-      kwargs["metavar"] = base.__name__.upper()
-      if "choices" in field.metadata:
-        kwargs["choices"] = field.metadata["choices"]
-        kwargs.pop("metavar")
-    parser.add_argument(f"--{field.name}", **kwargs)
+                  "energy  loss = cross-entropy + lam * mean gate.\n\nEvery setting is "
+                  "--SECTION.FIELD (sections: task, model, optimizer, thermostat, run); "
+                  "the model section is tgn_jax.TGNConfig. Most also have a short flat "
+                  "spelling (--d_model for --model.d_model).",
+      epilog="Defaults shown are the dataclasses'; each task first applies its preset:\n"
+             + presets + "\nPrecedence: defaults < task preset < --config file < flags.")
+  parser.add_argument("--config", metavar="FILE",
+                      help="JSON object of options, nested by section like the run's "
+                           "config.json (flags override it)")
+  groups = {}
+  for option in OPTIONS.values():
+    section = option.path.split(".", 1)[0]
+    if section not in groups:
+      groups[section] = parser.add_argument_group(section)
+    names = [f"--{option.path}"]
+    if option.alias and option.alias != option.path:
+      names.append(f"--{option.alias}")
+    default = "" if option.default is None else f" (default: {_shown(option.default)})"
+    groups[section].add_argument(*names, dest=option.path, help=option.help + default,
+                                 **_parse_kwargs(option))
   return parser
 
 
+def _shown(value) -> str:
+  return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def default_out(task: str) -> str:
+  """runs/TASK-YYYYmmdd-HHMMSS, with a suffix if that exists already."""
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   path = Path("runs") / f"{task}-{stamp}"
   suffix = 1
@@ -73,27 +109,29 @@ def default_out(task: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   from tgn_jax.training import sharding
-  from tgn_jax.training.loop import (CheckpointError, NonFiniteError, RunDir,
-                                     check_resume_changes, prepare, train)
+  from tgn_jax.training.loop import CheckpointError, NonFiniteError, prepare, train
+  from tgn_jax.training.rundir import RunDir, check_resume_changes
   explicit = vars(build_parser().parse_args(argv))
   config_file = explicit.pop("config", None)
   try:
-    if explicit.get("resume"):
-      if "out" not in explicit:
+    from_file = flatten(_file_values(config_file))
+    if explicit.get("run.resume"):
+      if "run.out" not in explicit:
         raise ConfigError("--resume needs --out: the run directory to continue")
-      run_dir = RunDir(explicit["out"])
+      run_dir = RunDir(explicit["run.out"])
       if not run_dir.config.exists():
         raise ConfigError(f"--resume: no checkpoint to resume in {run_dir.path}")
       stored = run_dir.stored_config()
-      check_resume_changes(stored, {**_file_values(config_file), **explicit})
+      check_resume_changes(stored, {**from_file, **explicit})
       config = resolve(explicit, config_file, base=stored)
     else:
       config = resolve(explicit, config_file)
-    sharding.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
-    if not config.resume and "out" not in explicit and "out" not in _file_values(config_file):
+    run = config.run
+    sharding.initialize_distributed(run.coordinator, run.num_processes, run.process_id)
+    if not run.resume and run.out is None:
       if jax_process_count() > 1:  # each process would pick its own time-stamped directory
         raise ConfigError("--out is needed with several processes: the run directory they share")
-      config = dataclasses.replace(config, out=default_out(config.task))
+      config = config.replace(**{"run.out": default_out(config.task.name)})
     run, task, mesh = prepare(config)
   except (ConfigError, DataError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
@@ -122,15 +160,16 @@ def jax_process_count() -> int:
 
 
 def _file_values(path: Optional[str]) -> dict[str, Any]:
-  """The options a --config file sets (none without one; resolve reports a bad file)."""
+  """The options a --config file sets, nested (none without one; resolve reports a bad
+  file)."""
   import json
   if path is None:
     return {}
   try:
     data = json.loads(Path(path).read_text())
+    return nest(data) if isinstance(data, dict) else {}
   except (OSError, ValueError):
     return {}
-  return data if isinstance(data, dict) else {}
 
 
 def format_summary(s: dict[str, Any]) -> str:

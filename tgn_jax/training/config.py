@@ -1,7 +1,13 @@
-"""Training configuration: one flat dataclass, task presets, validation.
+"""Training configuration: nested sections, named presets, one-line errors naming the flag.
 
-Resolution order for every field: dataclass default < task preset < config file < command
-line. Only the fields a source actually sets override the ones before it.
+A TrainConfig has five sections: `task` (what to learn), `model` (TGNConfig fields: the model
+is `TGNConfig(vocab_size=<task's>, max_seq_len=<task's>, **model)`), `optimizer`, `thermostat`
+(the free energy's temperature) and `run` (length, logging, checkpoints, devices). Every field
+has a flag `--section.field`; the flat spellings of earlier versions (`--d_model`, `--lr`,
+`--steps`) are aliases of the same flags.
+
+Resolution order for every field: dataclass default < the task's preset < config file <
+command line. Only the fields a source actually sets override the ones before it.
 """
 
 from __future__ import annotations
@@ -9,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Mapping, Optional
 
-from tgn_jax.config import TGNConfig
+from tgn_jax.config import ConfigFieldError, TGNConfig
 
 TASKS = ("mqar", "modadd", "text")
 
@@ -26,58 +33,23 @@ def _field(default, help: str, **kw):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  # run
-  task: str = _field("mqar", "task: mqar | modadd | text", choices=TASKS)
-  steps: int = _field(1500, "optimizer steps")
-  out: str = _field("runs/latest", "run directory (metrics, summary, plots, checkpoints)")
-  seed: int = _field(0, "seed for initialisation, data order and gate randomness")
-  resume: bool = _field(False, "continue the run in --out from its latest checkpoint")
+class TaskConfig:
+  name: str = _field("mqar", "task: mqar | modadd | text", choices=TASKS)
   batch_size: int = _field(64, "sequences per step (modadd: full batch, ignored)")
   seq_len: int = _field(32, "sequence length (mqar, text)")
-  # mqar
   vocab_size: int = _field(64, "mqar vocabulary size (keys: first half, values: second)")
   num_kv: int = _field(4, "mqar key-value pairs per sequence")
   power_a: float = _field(0.01, "mqar power-law exponent of query spacing")
   eval_examples: int = _field(1000, "mqar held-out sequences")
-  # modadd
   p: int = _field(113, "modadd modulus")
   train_fraction: float = _field(0.3, "modadd fraction of the p*p pairs used for training")
-  # text
   data: Optional[str] = _field(None, "text file or directory (default: Python's stdlib sources)")
   val_fraction: float = _field(0.1, "text validation fraction (by file)")
   eval_batches: int = _field(8, "text validation batches per eval")
-  # model
-  d_model: int = _field(64, "model width")
-  n_layers: int = _field(2, "layers")
-  n_heads: int = _field(2, "attention heads")
-  d_mlp: Optional[int] = _field(None, "MLP width (default 4 * d_model)")
-  mixer: str = _field("tgn", "tgn | attention | recurrent")
-  recurrence: str = _field("mingru", "mingru | gru")
-  gate: str = _field("hard", "soft | hard | open | closed")
-  attention_execution: Optional[str] = _field(None, "sparse | dense (default: sparse for hard)")
-  kv: str = _field("all", "keys and values: all (every token) | open (open tokens only)")
-  temperature: Optional[str] = _field(None, "attention temperature: a number, 'learned' or none (sqrt(head_dim))")
-  exploration: float = _field(0.05, "closed-gate attention computed for the gate gradient, as a "
-                              "fraction of the open tokens' attention work")
-  exploration_floor: float = _field(0.002, "fraction of closed-gate tokens explored at least")
-  gate_bias_init: float = _field(0.0, "initial gate logit bias (0: open probability 1/2)")
-  gate_sampling: bool = _field(False, "Bernoulli-sample the hard gate in training")
-  segment_len: int = _field(8192, "sparse attention gather segment length")
-  capacity_multiple: int = _field(64, "routing capacities are rounded up to a multiple of this")
-  dtype: str = _field("float32", "compute dtype: float32 | bfloat16")
-  remat: bool = _field(False, "rematerialise each layer in the backward pass")
-  # free energy and thermostat
-  lam: float = _field(0.0, "temperature lambda of the free energy (initial value with --target_rate)")
-  target_rate: Optional[float] = _field(0.25, "hard open-rate target of the thermostat (none: fixed lambda)")
-  lam_lr: float = _field(0.05, "thermostat gain: lambda *= exp(lam_lr * (rate - target))")
-  lam_min: float = _field(0.01, "thermostat floor for lambda while it is being adjusted")
-  lam_warmup: Optional[int] = _field(
-      None, "steps before lambda acts, then a linear ramp over as many again (default: steps // 3)")
-  soft_warmup: Optional[int] = _field(
-      None, "hard gate: steps trained first with the soft gate (dense attention) so that both "
-      "channels learn before the gate hardens (default: the lambda warm-up)")
-  # optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
   lr: float = _field(3e-3, "peak learning rate")
   warmup_steps: int = _field(100, "linear learning-rate warm-up steps")
   min_lr_ratio: float = _field(0.1, "final learning rate / peak (cosine decay)")
@@ -85,17 +57,40 @@ class TrainConfig:
   b1: float = _field(0.9, "Adam beta1")
   b2: float = _field(0.99, "Adam beta2")
   clip_norm: float = _field(1.0, "global gradient-norm clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThermostatConfig:
+  lam: float = _field(0.0, "temperature lambda of the free energy (initial value with "
+                      "--target_rate)")
+  target_rate: Optional[float] = _field(0.25, "hard open-rate target of the thermostat (none: "
+                                        "fixed lambda)")
+  lam_lr: float = _field(0.05, "thermostat gain: lambda *= exp(lam_lr * (rate - target))")
+  lam_min: float = _field(0.01, "thermostat floor for lambda while it is being adjusted")
+  lam_warmup: Optional[int] = _field(
+      None, "steps before lambda acts, then a linear ramp over as many again (default: "
+      "steps // 3)")
+  soft_warmup: Optional[int] = _field(
+      None, "hard gate: steps trained first with the soft gate (dense attention) so that both "
+      "channels learn before the gate hardens (default: the lambda warm-up)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  steps: int = _field(1500, "optimizer steps")
+  out: Optional[str] = _field(None, "run directory (metrics, summary, plots, checkpoints; "
+                              "default: runs/TASK-DATE-TIME)")
+  seed: int = _field(0, "seed for initialisation, data order and gate randomness")
+  resume: bool = _field(False, "continue the run in --out from its latest checkpoint")
   on_nonfinite: str = _field("skip", "non-finite gradients: skip the update | stop the run",
                              choices=("skip", "stop"))
   max_nonfinite: int = _field(20, "consecutive skipped updates after which the run stops")
-  # logging
   log_every: int = _field(10, "steps between metric records")
   eval_every: int = _field(250, "steps between evaluations")
   checkpoint_every: int = _field(250, "steps between checkpoints")
   keep_checkpoints: int = _field(3, "checkpoints kept")
   progress: bool = _field(True, "show a progress bar")
   plots: bool = _field(True, "write plots/*.png at the end of the run")
-  # devices and hosts
   mesh: Optional[str] = _field(
       None, "device mesh data:D,fsdp:F: the batch over both axes, parameters and optimiser "
       "state sharded over fsdp (default: every device on data)")
@@ -105,78 +100,228 @@ class TrainConfig:
   num_processes: Optional[int] = _field(None, "several hosts: how many processes")
   process_id: Optional[int] = _field(None, "several hosts: this process's index, 0 .. N-1")
 
+
+# One line of help per TGNConfig field that a training run sets (vocab_size and max_seq_len
+# come from the task); tgn_jax.config.TGNConfig documents them in full.
+MODEL_HELP = {
+    "d_model": "model width",
+    "n_layers": "layers",
+    "n_heads": "attention heads",
+    "n_kv_heads": "key-value heads (grouped-query attention; default: n_heads)",
+    "d_mlp": "MLP width (default 4 * d_model)",
+    "mixer": "tgn | attention | recurrent",
+    "recurrence": "mingru | gru",
+    "gate": "soft | hard | open | closed",
+    "gate_threshold": "hard gate: open where the gate probability exceeds this",
+    "gate_sampling": "Bernoulli-sample the hard gate in training",
+    "gate_hidden": "gate MLP width (default max(8, d_model // 4))",
+    "gate_bias_init": "initial gate logit bias (0: open probability 1/2)",
+    "attention_execution": "sparse | dense (default: sparse for the hard gate)",
+    "kv": "keys and values: all (every token) | open (open tokens only)",
+    "capacity_buckets": "routing capacities, comma-separated increasing fractions ending in 1",
+    "segment_len": "sparse attention gather segment length",
+    "capacity_multiple": "routing capacities are rounded up to a multiple of this",
+    "temperature": "attention temperature: a number, 'learned' or none (sqrt(head_dim))",
+    "exploration": "closed-gate attention computed for the gate gradient, as a fraction of "
+                   "the open tokens' attention work",
+    "exploration_floor": "fraction of closed-gate tokens explored at least",
+    "rope": "rotary position embeddings",
+    "rope_base": "rotary embedding base",
+    "attention_impl": "xla | cudnn | pallas (default: cuDNN on GPU in 16 bits, else XLA)",
+    "dtype": "compute dtype: float32 | bfloat16 | float16",
+    "param_dtype": "parameter dtype: float32 | bfloat16 | float16",
+    "remat": "rematerialise each layer in the backward pass",
+}
+MODEL_FROM_TASK = ("vocab_size", "max_seq_len")
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(TGNConfig) if f.name not in MODEL_FROM_TASK}
+
+SECTIONS: dict[str, type] = {"task": TaskConfig, "optimizer": OptimizerConfig,
+                             "thermostat": ThermostatConfig, "run": RunConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """One setting: its dotted path, type, default, help, choices and flat alias (if any)."""
+  path: str
+  kind: Any
+  default: Any
+  help: str
+  choices: Optional[tuple] = None
+  alias: Optional[str] = None
+
+  @property
+  def flag(self) -> str:
+    """The spelling errors name: the flat alias where one exists (the one users know)."""
+    return f"--{self.alias or self.path}"
+
+
+def _options() -> dict[str, Option]:
+  options: dict[str, Option] = {}
+  flat_model = {"d_model", "n_layers", "n_heads", "d_mlp", "mixer", "recurrence", "gate",
+                "attention_execution", "kv", "temperature", "exploration", "exploration_floor",
+                "gate_bias_init", "gate_sampling", "segment_len", "capacity_multiple", "dtype",
+                "remat"}
+  for section in ("task", "model", "optimizer", "thermostat", "run"):
+    if section == "model":
+      hints = typing.get_type_hints(TGNConfig)
+      for name, f in MODEL_FIELDS.items():
+        options[f"model.{name}"] = Option(f"model.{name}", hints[name], f.default,
+                                          MODEL_HELP[name], _literal_choices(hints[name]),
+                                          name if name in flat_model else None)
+      continue
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+      alias = "task" if (section, f.name) == ("task", "name") else f.name
+      options[f"{section}.{f.name}"] = Option(f"{section}.{f.name}", hints[f.name], f.default,
+                                              f.metadata["help"], f.metadata.get("choices"), alias)
+  return options
+
+
+def _literal_choices(kind) -> Optional[tuple]:
+  args = [a for a in typing.get_args(kind) if a is not type(None)]
+  if typing.get_origin(kind) is Literal:
+    return tuple(typing.get_args(kind))
+  if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+    return typing.get_args(args[0])
+  return None
+
+
+OPTIONS: dict[str, Option] = _options()
+ALIASES: dict[str, str] = {o.alias: o.path for o in OPTIONS.values() if o.alias}
+
+
+def flag(path: str) -> str:
+  return OPTIONS[path].flag
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  task: TaskConfig = TaskConfig()
+  model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # TGNConfig overrides
+  optimizer: OptimizerConfig = OptimizerConfig()
+  thermostat: ThermostatConfig = ThermostatConfig()
+  run: RunConfig = RunConfig()
+
   def model_config(self, vocab_size: int, max_seq_len: int) -> TGNConfig:
-    temperature: Union[None, float, str] = self.temperature
-    if temperature is not None and temperature != "learned":
-      temperature = float(temperature)
-    return TGNConfig(
-        vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-        n_heads=self.n_heads, d_mlp=self.d_mlp, max_seq_len=max_seq_len, mixer=self.mixer,
-        recurrence=self.recurrence, gate=self.gate,
-        attention_execution=self.attention_execution, kv=self.kv, temperature=temperature,
-        exploration=self.exploration, exploration_floor=self.exploration_floor,
-        gate_bias_init=self.gate_bias_init,
-        gate_sampling=self.gate_sampling, segment_len=self.segment_len,
-        capacity_multiple=self.capacity_multiple, dtype=self.dtype,
-        remat=self.remat)
+    """The model this run trains, for a task of `vocab_size` tokens and `max_seq_len`."""
+    return TGNConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, **self.model)
+
+  def model_value(self, name: str) -> Any:
+    """A model field as the run sets it (its override, else TGNConfig's default)."""
+    return self.model.get(name, MODEL_FIELDS[name].default)
 
   @property
   def lam_warmup_steps(self) -> int:
-    return self.steps // 3 if self.lam_warmup is None else self.lam_warmup
+    warmup = self.thermostat.lam_warmup
+    return self.run.steps // 3 if warmup is None else warmup
 
   @property
   def soft_warmup_steps(self) -> int:
-    if self.mixer != "tgn" or self.gate != "hard":
+    if self.model_value("mixer") != "tgn" or self.model_value("gate") != "hard":
       return 0
-    return self.lam_warmup_steps if self.soft_warmup is None else self.soft_warmup
+    warmup = self.thermostat.soft_warmup
+    return self.lam_warmup_steps if warmup is None else warmup
+
+  def replace(self, **dotted: Any) -> "TrainConfig":
+    """A copy with fields changed, named by dotted path or flat alias: replace(**{"run.out": x})."""
+    return from_dict(_merge(self.to_dict(), nest(dotted)))
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """Nested plain values (JSON-ready): the shape of a --config file and of config.json."""
+    out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+    out["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.model.items()}
+    return out
 
 
-# Settings that make each task train sensibly out of the box.
-TASK_PRESETS: dict[str, dict[str, Any]] = {
-    "mqar": {},
+# Settings that make each task train sensibly out of the box (nested, like a --config file).
+PRESETS: dict[str, dict[str, Any]] = {
+    "mqar": {"model": dict(d_model=64, n_layers=2, n_heads=2)},
     # Nanda et al. 2023: 1 layer, d 128, 4 heads, d_mlp 512, AdamW lr 1e-3, wd 1, betas (0.9, 0.98).
-    "modadd": dict(steps=20000, d_model=128, n_layers=1, n_heads=4, d_mlp=512, mixer="attention",
-                   lr=1e-3, weight_decay=1.0, b2=0.98, warmup_steps=10, min_lr_ratio=1.0,
-                   target_rate=None, eval_every=100, checkpoint_every=1000, log_every=50),
-    "text": dict(steps=2000, seq_len=256, batch_size=16, d_model=128, n_layers=2, n_heads=4,
-                 lr=2e-3, target_rate=0.1, eval_every=250),
+    "modadd": {"task": dict(name="modadd"),
+               "model": dict(d_model=128, n_layers=1, n_heads=4, d_mlp=512, mixer="attention"),
+               "optimizer": dict(lr=1e-3, weight_decay=1.0, b2=0.98, warmup_steps=10,
+                                 min_lr_ratio=1.0),
+               "thermostat": dict(target_rate=None),
+               "run": dict(steps=20000, eval_every=100, checkpoint_every=1000, log_every=50)},
+    "text": {"task": dict(name="text", seq_len=256, batch_size=16),
+             "model": dict(d_model=128, n_layers=2, n_heads=4),
+             "optimizer": dict(lr=2e-3),
+             "thermostat": dict(target_rate=0.1),
+             "run": dict(steps=2000, eval_every=250)},
 }
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+def nest(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """{dotted path or flat alias or section: value} -> {section: {field: value}}.
 
-def resolve(explicit: dict[str, Any], config_file: Optional[str] = None,
-            base: Optional[dict[str, Any]] = None) -> TrainConfig:
-  """Builds a validated TrainConfig.
-
-  explicit: fields set on the command line. config_file: a JSON object of fields.
-  base: a stored run's config (for --resume), which replaces defaults and presets.
+  Raises ConfigError naming the first unknown key.
   """
-  from_file = _load_config_file(config_file) if config_file else {}
-  unknown = sorted(set(explicit) - set(FIELDS))
-  if unknown:
-    raise ConfigError(f"unknown option: {unknown[0]}")
-  if base is not None:
-    values = dict(base)
-  else:
-    task = explicit.get("task", from_file.get("task", FIELDS["task"].default))
-    if task not in TASKS:
-      raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got {task!r}")
-    values = {**TASK_PRESETS[task]}
-  values.update(from_file)
-  values.update(explicit)
-  try:
-    config = TrainConfig(**values)
-  except TypeError as e:
-    raise ConfigError(str(e)) from None
+  out: dict[str, dict[str, Any]] = {}
+  for key, value in values.items():
+    if key in ("model",) + tuple(SECTIONS) and isinstance(value, Mapping):
+      for name, inner in value.items():
+        path = f"{key}.{name}"
+        if path not in OPTIONS:
+          raise ConfigError(f"unknown option {path!r}")
+        out.setdefault(key, {})[name] = inner
+      continue
+    path = ALIASES.get(key, key)
+    if path not in OPTIONS:
+      raise ConfigError(f"unknown option {key!r}")
+    section, name = path.split(".", 1)
+    out.setdefault(section, {})[name] = value
+  return out
+
+
+def flatten(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """{section: {field: value}} -> {dotted path: value}."""
+  return {f"{section}.{name}": value for section, fields in nested.items()
+          for name, value in fields.items()}
+
+
+def _merge(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]
+           ) -> dict[str, dict[str, Any]]:
+  out = {section: dict(fields) for section, fields in base.items()}
+  for section, fields in changes.items():
+    out.setdefault(section, {}).update(fields)
+  return out
+
+
+def from_dict(nested: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
+  """A validated TrainConfig from nested values (missing fields take their defaults)."""
+  nested = nest(nested)  # checks the names
+  model = dict(nested.get("model", {}))
+  if isinstance(model.get("capacity_buckets"), list):
+    model["capacity_buckets"] = tuple(model["capacity_buckets"])
+  config = TrainConfig(model=model,
+                       **{name: cls(**nested.get(name, {})) for name, cls in SECTIONS.items()})
   validate(config)
   return config
 
 
-def _load_config_file(path: str) -> dict[str, Any]:
+def resolve(explicit: Mapping[str, Any], config_file: Optional[str] = None,
+            base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+  """Builds a validated TrainConfig.
+
+  explicit: values set on the command line, by dotted path (`model.d_model`), flat alias
+  (`d_model`) or section (`{"model": {...}}`). config_file: a JSON object of the same shape.
+  base: a stored run's config (for --resume), which replaces defaults and presets.
+  """
+  explicit = nest(explicit)
+  from_file = _load_config_file(config_file) if config_file else {}
+  if base is not None:
+    values = nest(base)
+  else:
+    task = explicit.get("task", {}).get(
+        "name", from_file.get("task", {}).get("name", TaskConfig.name))
+    if task not in TASKS:
+      raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got {task!r}")
+    values = nest(PRESETS[task])
+  return from_dict(_merge(_merge(values, from_file), explicit))
+
+
+def _load_config_file(path: str) -> dict[str, dict[str, Any]]:
   try:
     data = json.loads(Path(path).read_text())
   except FileNotFoundError:
@@ -185,69 +330,74 @@ def _load_config_file(path: str) -> dict[str, Any]:
     raise ConfigError(f"--config file {path} is not readable JSON: {e}") from None
   if not isinstance(data, dict):
     raise ConfigError(f"--config file {path} must hold a JSON object of options")
-  unknown = sorted(set(data) - set(FIELDS))
-  if unknown:
-    raise ConfigError(f"--config file {path}: unknown option {unknown[0]!r}")
-  return data
+  try:
+    return nest(data)
+  except ConfigError as e:
+    raise ConfigError(f"--config file {path}: {e}") from None
 
 
 def validate(c: TrainConfig) -> None:
-  """Checks every field; raises ConfigError naming the first bad one."""
-  if c.task not in TASKS:
-    raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got {c.task!r}")
-  for name in ("steps", "batch_size", "seq_len", "vocab_size", "num_kv", "eval_examples", "p",
-               "eval_batches", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-               "max_nonfinite"):
-    value = getattr(c, name)
+  """Checks every field; raises ConfigError naming the first bad one by its flag."""
+  values = flatten({name: dataclasses.asdict(getattr(c, name)) for name in SECTIONS})
+
+  def fail(path: str, message: str):
+    raise ConfigError(f"{flag(path)} {message}")
+
+  if values["task.name"] not in TASKS:
+    fail("task.name", f"must be one of {', '.join(TASKS)}; got {values['task.name']!r}")
+  for path in ("run.steps", "task.batch_size", "task.seq_len", "task.vocab_size", "task.num_kv",
+               "task.eval_examples", "task.p", "task.eval_batches", "run.log_every",
+               "run.eval_every", "run.checkpoint_every", "run.keep_checkpoints",
+               "run.max_nonfinite"):
+    value = values[path]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-  for name in ("seed", "warmup_steps", "lam_warmup", "soft_warmup"):
-    value = getattr(c, name)
-    if value is None and name in ("lam_warmup", "soft_warmup"):
+      fail(path, f"must be a positive integer, got {value!r}")
+  for path in ("run.seed", "optimizer.warmup_steps", "thermostat.lam_warmup",
+               "thermostat.soft_warmup"):
+    value = values[path]
+    if value is None and path.startswith("thermostat."):
       continue
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise ConfigError(f"--{name} must be a non-negative integer, got {value!r}")
-  for name in ("lr", "clip_norm", "lam_lr", "lam_min"):
-    if not _finite(getattr(c, name)) or getattr(c, name) <= 0:
-      raise ConfigError(f"--{name} must be a positive number, got {getattr(c, name)!r}")
-  for name in ("lam", "weight_decay"):
-    if not _finite(getattr(c, name)) or getattr(c, name) < 0:
-      raise ConfigError(f"--{name} must be a non-negative number, got {getattr(c, name)!r}")
-  for name in ("b1", "b2"):
-    if not _finite(getattr(c, name)) or not 0 <= getattr(c, name) < 1:
-      raise ConfigError(f"--{name} must be in [0, 1), got {getattr(c, name)!r}")
-  if not _finite(c.min_lr_ratio) or not 0 <= c.min_lr_ratio <= 1:
-    raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {c.min_lr_ratio!r}")
-  if c.target_rate is not None and (not _finite(c.target_rate) or not 0 <= c.target_rate <= 1):
-    raise ConfigError(f"--target_rate must be in [0, 1] or none, got {c.target_rate!r}")
-  if not _finite(c.train_fraction) or not 0 < c.train_fraction < 1:
-    raise ConfigError(f"--train_fraction must be in (0, 1), got {c.train_fraction!r}")
-  if not _finite(c.val_fraction) or not 0 < c.val_fraction < 1:
-    raise ConfigError(f"--val_fraction must be in (0, 1), got {c.val_fraction!r}")
-  if c.num_processes is not None and (isinstance(c.num_processes, bool) or c.num_processes < 1):
-    raise ConfigError(f"--num_processes must be a positive integer, got {c.num_processes!r}")
-  if c.process_id is not None and c.num_processes is not None and not (
-      0 <= c.process_id < c.num_processes):
-    raise ConfigError(f"--process_id must be in [0, {c.num_processes}), got {c.process_id!r}")
-  if c.on_nonfinite not in ("skip", "stop"):
-    raise ConfigError(f"--on_nonfinite must be skip or stop, got {c.on_nonfinite!r}")
-  if c.temperature not in (None, "learned"):
-    try:
-      float(c.temperature)
-    except (TypeError, ValueError):
-      raise ConfigError(
-          f"--temperature must be a number, 'learned' or none; got {c.temperature!r}") from None
-  # The model fields are validated by TGNConfig itself.
+      fail(path, f"must be a non-negative integer, got {value!r}")
+  for path in ("optimizer.lr", "optimizer.clip_norm", "thermostat.lam_lr", "thermostat.lam_min"):
+    if not _finite(values[path]) or values[path] <= 0:
+      fail(path, f"must be a positive number, got {values[path]!r}")
+  for path in ("thermostat.lam", "optimizer.weight_decay"):
+    if not _finite(values[path]) or values[path] < 0:
+      fail(path, f"must be a non-negative number, got {values[path]!r}")
+  for path in ("optimizer.b1", "optimizer.b2"):
+    if not _finite(values[path]) or not 0 <= values[path] < 1:
+      fail(path, f"must be in [0, 1), got {values[path]!r}")
+  if not _finite(c.optimizer.min_lr_ratio) or not 0 <= c.optimizer.min_lr_ratio <= 1:
+    fail("optimizer.min_lr_ratio", f"must be in [0, 1], got {c.optimizer.min_lr_ratio!r}")
+  target = c.thermostat.target_rate
+  if target is not None and (not _finite(target) or not 0 <= target <= 1):
+    fail("thermostat.target_rate", f"must be in [0, 1] or none, got {target!r}")
+  for path in ("task.train_fraction", "task.val_fraction"):
+    if not _finite(values[path]) or not 0 < values[path] < 1:
+      fail(path, f"must be in (0, 1), got {values[path]!r}")
+  run = c.run
+  if run.num_processes is not None and (isinstance(run.num_processes, bool)
+                                        or run.num_processes < 1):
+    fail("run.num_processes", f"must be a positive integer, got {run.num_processes!r}")
+  if run.process_id is not None and run.num_processes is not None and not (
+      0 <= run.process_id < run.num_processes):
+    fail("run.process_id", f"must be in [0, {run.num_processes}), got {run.process_id!r}")
+  if run.on_nonfinite not in ("skip", "stop"):
+    fail("run.on_nonfinite", f"must be skip or stop, got {run.on_nonfinite!r}")
+  # The model's fields are checked by TGNConfig itself, which names the field at fault.
   try:
-    c.model_config(vocab_size=max(c.vocab_size, 2), max_seq_len=c.seq_len)
-  except ValueError as e:
-    raise ConfigError(f"--{_option_in(str(e))}: {e}" if _option_in(str(e)) else str(e)) from None
-
-
-def _option_in(message: str) -> str:
-  first = message.split(" ", 1)[0]
-  return first if first in FIELDS else ""
+    c.model_config(vocab_size=max(c.task.vocab_size, 2), max_seq_len=c.task.seq_len)
+  except ConfigFieldError as e:
+    raise ConfigError(f"{flag('model.' + e.field)}: {e}") from None
+  except TypeError as e:  # a value of the wrong kind where TGNConfig computes with it
+    raise ConfigError(f"model: {e}") from None
 
 
 def _finite(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+__all__ = ["ConfigError", "OPTIONS", "Option", "PRESETS", "TASKS", "TaskConfig", "OptimizerConfig",
+           "ThermostatConfig", "RunConfig", "TrainConfig", "flag", "from_dict", "nest", "resolve",
+           "validate"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -24,23 +23,20 @@ def _as_float(value: Any) -> float:
 
 def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train records, eval records) from a jsonl file; lines that do not parse are skipped."""
+    from tgn_jax.training.rundir import read_jsonl
+
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict) or not math.isfinite(_as_float(record.get("step"))):
-                continue
-            kind = record.get("kind")
-            if kind is None:
-                kind = "eval" if "eval_ce" in record else "train"
-            if kind == "eval":
-                evals.append(record)
-            elif kind == "train":
-                train.append(record)
+    for record in read_jsonl(Path(path)):
+        if not math.isfinite(_as_float(record.get("step"))):
+            continue
+        kind = record.get("kind")
+        if kind is None:
+            kind = "eval" if "eval_ce" in record else "train"
+        if kind == "eval":
+            evals.append(record)
+        elif kind == "train":
+            train.append(record)
     return train, evals
 
 

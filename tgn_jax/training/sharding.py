@@ -140,3 +140,23 @@ def global_batch(mesh: Mesh, local_rows: Any, batch_size: int) -> Any:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(
           sharding, np.asarray(x), (batch_size,) + tuple(np.shape(x)[1:])), local_rows)
+
+
+def any_process(flag: bool) -> bool:
+  """True if `flag` is true on any process (every process gets the same answer)."""
+  return max_over_processes(int(bool(flag))) > 0
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value` (collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier of this name."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

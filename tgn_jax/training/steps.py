@@ -61,33 +61,35 @@ def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
   """optax's AdamW without its learning-rate scaling (applied by the step from its controls),
   after global-norm clipping; non-finite updates are skipped and counted."""
   inner = optax.chain(
-      optax.clip_by_global_norm(c.clip_norm),
-      optax.scale_by_adam(b1=c.b1, b2=c.b2),
-      optax.add_decayed_weights(c.weight_decay))
+      optax.clip_by_global_norm(c.optimizer.clip_norm),
+      optax.scale_by_adam(b1=c.optimizer.b1, b2=c.optimizer.b2),
+      optax.add_decayed_weights(c.optimizer.weight_decay))
   return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
 
 
 def learning_rate_schedule(c: TrainConfig) -> optax.Schedule:
-  """Linear warm-up to c.lr, then cosine decay to c.lr * c.min_lr_ratio at c.steps."""
+  """Linear warm-up to the peak rate, then cosine decay to peak * min_lr_ratio at the last step."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=c.lr, warmup_steps=c.warmup_steps,
-      decay_steps=max(c.steps, c.warmup_steps + 1), end_value=c.lr * c.min_lr_ratio)
+      init_value=0.0, peak_value=c.optimizer.lr, warmup_steps=c.optimizer.warmup_steps,
+      decay_steps=max(c.run.steps, c.optimizer.warmup_steps + 1),
+      end_value=c.optimizer.lr * c.optimizer.min_lr_ratio)
 
 
 def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
   """Host-side: the controls of step `step` (0-based) of a run with config c."""
-  lr_table = np.asarray(jax.vmap(learning_rate_schedule(c))(jnp.arange(c.steps + 1)), np.float32)
+  lr_table = np.asarray(jax.vmap(learning_rate_schedule(c))(jnp.arange(c.run.steps + 1)), np.float32)
   warmup = c.lam_warmup_steps
   # Raw key data: a host value every process passes alike (a typed key lives on a device).
-  key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.seed), 1)))
+  key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.run.seed), 1)))
   f32 = np.float32
 
   def controls(step: int) -> StepControls:
     ramp = 1.0 if warmup == 0 else min(max((step - warmup) / warmup, 0.0), 1.0)
-    thermostat = c.target_rate is not None and step >= warmup
+    thermostat = c.thermostat.target_rate is not None and step >= warmup
     return StepControls(
-        lr=f32(lr_table[min(step, c.steps)]), lam_scale=f32(ramp), thermostat=f32(thermostat),
-        target_rate=f32(c.target_rate or 0.0), lam_lr=f32(c.lam_lr), lam_min=f32(c.lam_min),
+        lr=f32(lr_table[min(step, c.run.steps)]), lam_scale=f32(ramp), thermostat=f32(thermostat),
+        target_rate=f32(c.thermostat.target_rate or 0.0),
+        lam_lr=f32(c.thermostat.lam_lr), lam_min=f32(c.thermostat.lam_min),
         key=key)
   return controls
 
@@ -116,8 +118,8 @@ def init_state(model_config: TGNConfig, c: TrainConfig, optimizer, mesh: Optiona
   model_def = model_def_for(model_config)
 
   def create() -> TrainState:
-    _, params = functional.init(model_config, jax.random.key(c.seed))
-    return TrainState(params=params, opt_state=optimizer.init(params), lam=jnp.float32(c.lam),
+    _, params = functional.init(model_config, jax.random.key(c.run.seed))
+    return TrainState(params=params, opt_state=optimizer.init(params), lam=jnp.float32(c.thermostat.lam),
                       step=jnp.int32(0), routing_needs=routing_needs(()))
 
   shardings = None

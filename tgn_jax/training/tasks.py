@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from tgn_jax.data import Batch, ByteCorpus, modadd_splits, modadd_vocab_size, mqar_batch, mqar_eval_set
-from tgn_jax.training.config import TrainConfig
+from tgn_jax.training.config import TaskConfig, TrainConfig
 
 
 @dataclasses.dataclass
@@ -40,23 +40,24 @@ def make_task(config: TrainConfig, batch_multiple: int = 1) -> Task:
   batch_multiple: the number of batch shards; a full-batch task (modadd) pads its batch
   with unscored rows to a multiple of it.
   """
-  if config.task == "modadd":
-    return _modadd(config, batch_multiple)
-  return {"mqar": _mqar, "text": _text}[config.task](config)
+  task, seed = config.task, config.run.seed
+  if task.name == "modadd":
+    return _modadd(task, seed, batch_multiple)
+  return {"mqar": _mqar, "text": _text}[task.name](task, seed)
 
 
-def _mqar(c: TrainConfig) -> Task:
+def _mqar(c: TaskConfig, seed: int) -> Task:
   kw = dict(seq_len=c.seq_len, num_kv=c.num_kv, vocab_size=c.vocab_size, power_a=c.power_a)
-  held_out = mqar_eval_set(c.seed, c.eval_examples, **kw)
+  held_out = mqar_eval_set(seed, c.eval_examples, **kw)
   return Task(
       name="mqar", vocab_size=c.vocab_size, seq_len=c.seq_len, batch_size=c.batch_size,
-      train_batch=lambda step, rows=None: mqar_batch(c.seed, step, c.batch_size, **kw, rows=rows),
+      train_batch=lambda step, rows=None: mqar_batch(seed, step, c.batch_size, **kw, rows=rows),
       eval_sets={"eval": _batches(held_out, c.batch_size)}, metric="accuracy",
       description=f"MQAR V={c.vocab_size} T={c.seq_len} kv={c.num_kv}")
 
 
-def _modadd(c: TrainConfig, batch_multiple: int) -> Task:
-  train, test = modadd_splits(c.p, c.train_fraction, c.seed)
+def _modadd(c: TaskConfig, seed: int, batch_multiple: int) -> Task:
+  train, test = modadd_splits(c.p, c.train_fraction, seed)
   # Full batch, padded with unscored rows to a multiple of the batch shards.
   padded = lambda data: _batches(data, -(-len(data.inputs) // batch_multiple) * batch_multiple)[0]
   train, test = padded(train), padded(test)
@@ -68,7 +69,7 @@ def _modadd(c: TrainConfig, batch_multiple: int) -> Task:
       metric="accuracy", description=f"(a + b) mod {c.p}, {len(train.inputs)} training pairs")
 
 
-def _text(c: TrainConfig) -> Task:
+def _text(c: TaskConfig, seed: int) -> Task:
   cache = _cache_root() / "corpora"
   if c.data is None:
     corpus = ByteCorpus.default(cache / "stdlib", val_fraction=c.val_fraction)
@@ -80,7 +81,7 @@ def _text(c: TrainConfig) -> Task:
   corpus.check(c.seq_len)
   return Task(
       name="text", vocab_size=corpus.vocab_size, seq_len=c.seq_len, batch_size=c.batch_size,
-      train_batch=lambda step, rows=None: corpus.train_batch(c.seed, step, c.batch_size,
+      train_batch=lambda step, rows=None: corpus.train_batch(seed, step, c.batch_size,
                                                              c.seq_len, rows=rows),
       eval_sets={"eval": corpus.val_batches(c.batch_size, c.seq_len, c.eval_batches)},
       metric="bpb",
