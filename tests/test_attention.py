@@ -172,6 +172,25 @@ def test_default_positions_are_the_last_queries():
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
 
 
+def test_fewer_queries_than_keys_align_bottom_right():
+  """Without q_positions the Tq < Tk queries are the last Tq positions (query i sees keys
+  0..Tk - Tq + i), unlike jax.nn.dot_product_attention(is_causal=True), which aligns them
+  top-left (query i sees keys 0..i) and equals q_positions = arange(Tq)."""
+  q, k, v = qkv(17, q_len=3, k_len=10, kv_heads=2)
+  out = gibbs_attention(q, k, v)
+  last = jnp.broadcast_to(jnp.arange(7, 10), (2, 3))
+  np.testing.assert_array_equal(out, gibbs_attention(q, k, v, q_positions=last))
+  top_left = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  first = jnp.broadcast_to(jnp.arange(3), (2, 3))
+  np.testing.assert_allclose(gibbs_attention(q, k, v, q_positions=first), top_left, rtol=1e-5,
+                             atol=1e-6)
+  # Every query differs from top-left: it sees 7 more keys.
+  assert float(jnp.min(jnp.max(jnp.abs(out - top_left), axis=(2, 3)))) > 0.1
+  # Bottom-right, the last query sees every key, as without the causal mask.
+  np.testing.assert_allclose(out[:, -1], gibbs_attention(q, k, v, is_causal=False)[:, -1],
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_query_seeing_one_key_is_finite_and_cold():
   q, k, v = qkv(8, scale=50.0)
   out, s = gibbs_attention(q, k, v, return_stats=True)

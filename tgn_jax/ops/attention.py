@@ -44,7 +44,7 @@ class ThermoStats(NamedTuple):
 
 
 def default_positions(batch: int, q_len: int, k_len: int) -> Array:
-  """The last q_len positions of a k_len sequence, int32 [B, Tq]."""
+  """The last q_len positions of a k_len sequence (bottom-right alignment), int32 [B, Tq]."""
   return jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32) + (k_len - q_len), (batch, q_len))
 
 
@@ -72,8 +72,12 @@ def gibbs_attention(
       (gradients flow to it).
     is_causal: key j is visible to query i iff kv_positions[b, j] <= q_positions[b, i].
     q_positions: int [B, Tq] query positions (gathered queries, decoding). Default: the
-      last Tq key positions (bottom-right aligned, unlike the top-left `is_causal` of
-      jax.nn.dot_product_attention and torch when Tq < Tk).
+      LAST Tq positions, kv_positions[:, Tk - Tq:] (bottom-right alignment): with the
+      default keys, query i sees keys 0..Tk - Tq + i. If Tq > Tk the default is
+      arange(Tk - Tq, Tk) and the first Tq - Tk queries see no key.
+      jax.nn.dot_product_attention(is_causal=True) and torch's
+      scaled_dot_product_attention(is_causal=True) align top-left instead (query i sees
+      keys 0..i): the two agree only when Tq == Tk; q_positions=arange(Tq) gives theirs.
     kv_positions: int [B, Tk] key positions. Default: arange(Tk).
       Positions increase along each row (checked where the values are concrete).
     q_lengths: int [B], query slots held per row; slots i >= q_lengths[b] are padding:

@@ -46,7 +46,10 @@ def min_gru(gate_logits_BTD: Array, candidate_BTD: Array, h0_BD: Optional[Array]
             parallel: bool = True) -> Array:
   """minGRU (Feng et al. 2024): z = sigmoid(gate), h_t = (1 - z) h_{t-1} + z * candidate.
 
-  Inputs [B, T, D]; returns float32 hidden states [B, T, D].
+  The paper's plain minGRU, scanned in linear space with the candidate used as given
+  (unconstrained, any sign). Not its log-space variant, which passes the candidate through
+  g(x) = x + 0.5 for x >= 0, sigmoid(x) otherwise (positive states) and which
+  lucidrains/minGRU-pytorch implements. Inputs [B, T, D]; returns float32 states [B, T, D].
   """
   logits = gate_logits_BTD.astype(jnp.float32)
   z = jax.nn.sigmoid(logits)
