@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional, Union
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -295,23 +296,20 @@ def _merge_moments(a, b):
 
 def _check_qkv(q, k, v):
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or x.ndim != 4:
+    if not hasattr(x, "shape") or x.ndim != 4:  # by hand: chex would read a list as several inputs
       raise ValueError(f"{name} must be a 4-D array [B, T, heads, head_dim], got shape "
                        f"{getattr(x, 'shape', type(x).__name__)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} must be floating point, got {x.dtype}")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
-  if q.dtype != k.dtype or k.dtype != v.dtype:
-    raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    chex.assert_type(x, float, custom_message=f"{name} must be floating point",
+                     exception_type=TypeError)
+  chex.assert_equal_shape([k, v], custom_message="k and v must have the same shape",
+                          exception_type=ValueError)
+  chex.assert_trees_all_equal_dtypes(q, k, v, custom_message="q, k and v must share a dtype",
+                                     exception_type=TypeError)
   batch, _, n_heads, head_dim = q.shape
-  if k.shape[0] != batch:
-    raise ValueError(f"q and k must have the same batch size, got {batch} and {k.shape[0]}")
-  if k.shape[3] != head_dim:
-    raise ValueError(f"q and k must have the same head_dim, got {head_dim} and {k.shape[3]}")
-  if n_heads % k.shape[2]:
-    raise ValueError(
-        f"q heads ({n_heads}) must be a multiple of k/v heads ({k.shape[2]})")
+  chex.assert_shape(k, (batch, None, None, head_dim), exception_type=ValueError,
+                    custom_message="q and k must have the same batch size and the same head_dim")
+  chex.assert_is_divisible(n_heads, k.shape[2], exception_type=ValueError,
+                           custom_message="q heads must be a multiple of k/v heads")
   return q.shape
 
 
@@ -337,10 +335,10 @@ def _check_positions(name: str, positions, batch: int, length: int, lengths=None
   if positions is None:
     return None
   positions = jnp.asarray(positions)
-  if not jnp.issubdtype(positions.dtype, jnp.integer):
-    raise TypeError(f"{name} must be integer, got {positions.dtype}")
-  if positions.shape != (batch, length):
-    raise ValueError(f"{name} must have shape [B, T] = ({batch}, {length}), got {positions.shape}")
+  chex.assert_type(positions, int, custom_message=f"{name} must be integer",
+                   exception_type=TypeError)
+  chex.assert_shape(positions, (batch, length), custom_message=f"{name} must have shape [B, T]",
+                    exception_type=ValueError)
   if not isinstance(positions, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
     values = np.asarray(positions, np.int64)
     steps = np.diff(values, axis=1) < 0
@@ -357,10 +355,9 @@ def _check_lengths(name: str, lengths, batch: int, limit: int):
   if lengths is None:
     return None
   lengths = jnp.asarray(lengths)
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise TypeError(f"{name} must be integer, got {lengths.dtype}")
-  if lengths.shape != (batch,):
-    raise ValueError(f"{name} must have shape [B] = ({batch},), got {lengths.shape}")
+  chex.assert_type(lengths, int, custom_message=f"{name} must be integer", exception_type=TypeError)
+  chex.assert_shape(lengths, (batch,), custom_message=f"{name} must have shape [B]",
+                    exception_type=ValueError)
   if not isinstance(lengths, jax.core.Tracer):
     values = np.asarray(lengths)
     low, high = int(values.min()), int(values.max())
