@@ -1,12 +1,16 @@
 """gibbs_attention: equality with jax.nn.dot_product_attention, the thermodynamic
 identities, gathered queries and bad input."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
+from tgn_jax.ops import flash
 from tgn_jax.ops.attention import attention_stats, gibbs_attention
+from tgn_jax.ops.rope import apply_rope
 from reference import attention_reference_np
 
 FIELDS = ("log_partition", "free_energy", "internal_energy", "entropy", "specific_heat")
@@ -21,12 +25,35 @@ def qkv(seed, batch=2, q_len=12, k_len=12, heads=4, kv_heads=4, head_dim=8, scal
   return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_equals_jax_dot_product_attention(kv_heads):
-  q, k, v = qkv(0, kv_heads=kv_heads)
-  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-  out = gibbs_attention(q, k, v)
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+class JitAndEagerTest(chex.TestCase):
+  """Core equalities, each run eagerly and under jax.jit (chex.variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(4, 2, 1)
+  def test_equals_jax_dot_product_attention(self, kv_heads):
+    q, k, v = qkv(0, kv_heads=kv_heads)
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = self.variant(gibbs_attention)(q, k, v)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fewer_queries_than_keys_align_bottom_right(self):
+    """Without q_positions the Tq < Tk queries are the last Tq positions (query i sees keys
+    0..Tk - Tq + i), unlike jax.nn.dot_product_attention(is_causal=True), which aligns them
+    top-left (query i sees keys 0..i) and equals q_positions = arange(Tq)."""
+    q, k, v = qkv(17, q_len=3, k_len=10, kv_heads=2)
+    attend = self.variant(lambda q, k, v, positions=None: gibbs_attention(
+        q, k, v, q_positions=positions))
+    out = attend(q, k, v)
+    np.testing.assert_array_equal(out, attend(q, k, v, jnp.broadcast_to(jnp.arange(7, 10), (2, 3))))
+    top_left = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(attend(q, k, v, jnp.broadcast_to(jnp.arange(3), (2, 3))), top_left,
+                               rtol=1e-5, atol=1e-6)
+    # Every query differs from top-left: it sees 7 more keys.
+    assert float(jnp.min(jnp.max(jnp.abs(out - top_left), axis=(2, 3)))) > 0.1
+    # Bottom-right, the last query sees every key, as without the causal mask.
+    np.testing.assert_allclose(out[:, -1], gibbs_attention(q, k, v, is_causal=False)[:, -1],
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [None, 0.7, "per_head"])
@@ -258,6 +285,34 @@ def test_bad_input_names_the_argument(case, error, match):
     kwargs["kv_lengths"] = jnp.array([3, 13])
   with pytest.raises(error, match=match):
     gibbs_attention(q, k, v, **kwargs)
+
+
+# Calls of flash_attention(q, k, v, q_pos, kv_pos) and apply_rope(x, positions) with one bad
+# argument, from good q [2, 12, 4, 8], k and v [2, 12, 2, 8] and positions p [2, 12].
+BAD_CALLS = {
+    "flash_rank": (lambda q, k, v, p: flash.flash_attention(q[0], k, v, p, p),
+                   ValueError, "flash_attention: q, k and v must be"),
+    "flash_heads": (lambda q, k, v, p: flash.flash_attention(q[:, :, :3], k, v, p, p),
+                    ValueError, "q heads must be a multiple of k heads"),
+    "flash_dtype": (lambda q, k, v, p: flash.flash_attention(q, k, v.astype(jnp.bfloat16), p, p),
+                    TypeError, "flash_attention: q, k, v must share a dtype"),
+    "flash_q_pos": (lambda q, k, v, p: flash.flash_attention(q, k, v, p[:, :5], p),
+                    ValueError, r"flash_attention: q_pos must be \[B, Tq\]"),
+    "flash_kv_pos": (lambda q, k, v, p: flash.flash_attention(q, k, v, p, p.astype(jnp.float32)),
+                     TypeError, "q_pos and kv_pos must be integer"),
+    "rope_positions": (lambda q, k, v, p: apply_rope(q, p[:, :5]),
+                       ValueError, r"apply_rope: positions must be \[B, T\]"),
+    "rope_odd": (lambda q, k, v, p: apply_rope(q[..., :7], p),
+                 ValueError, "head dimension H must be even"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_flash_and_rope_bad_input_names_the_argument(case):
+  call, error, match = BAD_CALLS[case]
+  q, k, v = qkv(18, kv_heads=2)
+  with pytest.raises(error, match=match):
+    call(q, k, v, jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12)))
 
 
 @pytest.mark.gpu

@@ -17,7 +17,12 @@ from tgn_jax.ops import recurrence as rec
 
 
 class MinGRU(nnx.Module):
-  """minGRU: gate and candidate are linear in the input, so the scan is parallel."""
+  """minGRU: gate and candidate are linear in the input (with a bias), so the scan is parallel.
+
+  The plain minGRU of Feng et al. ("Were RNNs all we needed?"): linear space, the candidate
+  unconstrained. Not the log-space variant (candidate through g, positive states, no bias)
+  of lucidrains/minGRU-pytorch; see tgn_jax.ops.recurrence.min_gru.
+  """
 
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     self.in_proj = linear(config, config.d_model, 2 * config.d_model, rngs=rngs, use_bias=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional, Union
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +45,7 @@ class ThermoStats(NamedTuple):
 
 
 def default_positions(batch: int, q_len: int, k_len: int) -> Array:
-  """The last q_len positions of a k_len sequence, int32 [B, Tq]."""
+  """The last q_len positions of a k_len sequence (bottom-right alignment), int32 [B, Tq]."""
   return jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32) + (k_len - q_len), (batch, q_len))
 
 
@@ -72,8 +73,12 @@ def gibbs_attention(
       (gradients flow to it).
     is_causal: key j is visible to query i iff kv_positions[b, j] <= q_positions[b, i].
     q_positions: int [B, Tq] query positions (gathered queries, decoding). Default: the
-      last Tq key positions (bottom-right aligned, unlike the top-left `is_causal` of
-      jax.nn.dot_product_attention and torch when Tq < Tk).
+      LAST Tq positions, kv_positions[:, Tk - Tq:] (bottom-right alignment): with the
+      default keys, query i sees keys 0..Tk - Tq + i. If Tq > Tk the default is
+      arange(Tk - Tq, Tk) and the first Tq - Tk queries see no key.
+      jax.nn.dot_product_attention(is_causal=True) and torch's
+      scaled_dot_product_attention(is_causal=True) align top-left instead (query i sees
+      keys 0..i): the two agree only when Tq == Tk; q_positions=arange(Tq) gives theirs.
     kv_positions: int [B, Tk] key positions. Default: arange(Tk).
       Positions increase along each row (checked where the values are concrete).
     q_lengths: int [B], query slots held per row; slots i >= q_lengths[b] are padding:
@@ -291,23 +296,20 @@ def _merge_moments(a, b):
 
 def _check_qkv(q, k, v):
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or x.ndim != 4:
+    if not hasattr(x, "shape") or x.ndim != 4:  # by hand: chex would read a list as several inputs
       raise ValueError(f"{name} must be a 4-D array [B, T, heads, head_dim], got shape "
                        f"{getattr(x, 'shape', type(x).__name__)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} must be floating point, got {x.dtype}")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
-  if q.dtype != k.dtype or k.dtype != v.dtype:
-    raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    chex.assert_type(x, float, custom_message=f"{name} must be floating point",
+                     exception_type=TypeError)
+  chex.assert_equal_shape([k, v], custom_message="k and v must have the same shape",
+                          exception_type=ValueError)
+  chex.assert_trees_all_equal_dtypes(q, k, v, custom_message="q, k and v must share a dtype",
+                                     exception_type=TypeError)
   batch, _, n_heads, head_dim = q.shape
-  if k.shape[0] != batch:
-    raise ValueError(f"q and k must have the same batch size, got {batch} and {k.shape[0]}")
-  if k.shape[3] != head_dim:
-    raise ValueError(f"q and k must have the same head_dim, got {head_dim} and {k.shape[3]}")
-  if n_heads % k.shape[2]:
-    raise ValueError(
-        f"q heads ({n_heads}) must be a multiple of k/v heads ({k.shape[2]})")
+  chex.assert_shape(k, (batch, None, None, head_dim), exception_type=ValueError,
+                    custom_message="q and k must have the same batch size and the same head_dim")
+  chex.assert_is_divisible(n_heads, k.shape[2], exception_type=ValueError,
+                           custom_message="q heads must be a multiple of k/v heads")
   return q.shape
 
 
@@ -333,10 +335,10 @@ def _check_positions(name: str, positions, batch: int, length: int, lengths=None
   if positions is None:
     return None
   positions = jnp.asarray(positions)
-  if not jnp.issubdtype(positions.dtype, jnp.integer):
-    raise TypeError(f"{name} must be integer, got {positions.dtype}")
-  if positions.shape != (batch, length):
-    raise ValueError(f"{name} must have shape [B, T] = ({batch}, {length}), got {positions.shape}")
+  chex.assert_type(positions, int, custom_message=f"{name} must be integer",
+                   exception_type=TypeError)
+  chex.assert_shape(positions, (batch, length), custom_message=f"{name} must have shape [B, T]",
+                    exception_type=ValueError)
   if not isinstance(positions, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
     values = np.asarray(positions, np.int64)
     steps = np.diff(values, axis=1) < 0
@@ -353,10 +355,9 @@ def _check_lengths(name: str, lengths, batch: int, limit: int):
   if lengths is None:
     return None
   lengths = jnp.asarray(lengths)
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise TypeError(f"{name} must be integer, got {lengths.dtype}")
-  if lengths.shape != (batch,):
-    raise ValueError(f"{name} must have shape [B] = ({batch},), got {lengths.shape}")
+  chex.assert_type(lengths, int, custom_message=f"{name} must be integer", exception_type=TypeError)
+  chex.assert_shape(lengths, (batch,), custom_message=f"{name} must have shape [B]",
+                    exception_type=ValueError)
   if not isinstance(lengths, jax.core.Tracer):
     values = np.asarray(lengths)
     low, high = int(values.min()), int(values.max())

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +71,11 @@ class FlashBlocks:
 def flash_attention(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, *,
                     blocks: FlashBlocks = FlashBlocks(), interpret: Optional[bool] = None
                     ) -> tuple[Array, Array]:
-  """(out [B, Tq, N, H], lse float32 [B, Tq, N]); see the module docstring."""
+  """(out [B, Tq, N, H], lse float32 [B, Tq, N]); see the module docstring.
+
+  Wrong ranks or shapes raise ValueError, wrong dtypes TypeError (chex assertions).
+  """
+  _check_arguments(q, k, v, q_pos, kv_pos)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   batch, q_len, n_heads, head_dim = q.shape
@@ -90,6 +95,26 @@ def flash_attention(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, *
                     pad(q_pos.astype(jnp.int32), q_pad, PAD_QUERY),
                     pad(kv_pos.astype(jnp.int32), k_pad, PAD_KEY), blocks, interpret)
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
+
+
+def _check_arguments(q, k, v, q_pos, kv_pos) -> None:
+  layout = "flash_attention: q, k and v must be [B, T, heads, head_dim]"
+  chex.assert_rank([q, k, v], 4, custom_message=layout, exception_type=ValueError)
+  chex.assert_equal_shape([k, v], custom_message="flash_attention: k and v must have one shape",
+                          exception_type=ValueError)
+  batch, q_len, n_heads, head_dim = q.shape
+  chex.assert_shape(k, (batch, None, None, head_dim), exception_type=ValueError,
+                    custom_message="flash_attention: k must be [B, Tk, K, H] with q's B and H")
+  chex.assert_is_divisible(n_heads, k.shape[2], exception_type=ValueError,
+                           custom_message="flash_attention: q heads must be a multiple of k heads")
+  chex.assert_trees_all_equal_dtypes(q, k, v, exception_type=TypeError,
+                                     custom_message="flash_attention: q, k, v must share a dtype")
+  chex.assert_shape(q_pos, (batch, q_len), exception_type=ValueError,
+                    custom_message="flash_attention: q_pos must be [B, Tq]")
+  chex.assert_shape(kv_pos, (batch, k.shape[1]), exception_type=ValueError,
+                    custom_message="flash_attention: kv_pos must be [B, Tk]")
+  chex.assert_type([q_pos, kv_pos], int, exception_type=TypeError,
+                   custom_message="flash_attention: q_pos and kv_pos must be integer")
 
 
 # ------------------------------------------------------------------------------ bounds
