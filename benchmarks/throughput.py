@@ -7,7 +7,7 @@ so T = 32768 runs one sequence):
 
   tgn-hard-0.10 / -0.25  TGN, minGRU, hard gate with its open rate held at 0.10 / 0.25
   tgn-kvopen-0.10        the same at 0.10 with kv="open" (closed tokens write no key/value)
-  tgn-soft-gru           TGN, GRU, soft gate (the PyTorch reference: attention everywhere)
+  tgn-soft-gru           TGN, GRU, soft gate (reference-style: attention everywhere; see README)
   transformer            attention only
   recurrent              minGRU only
   plain-gpt              the Transformer's shape in pure jax + optax (benchmarks/plain_gpt.py)

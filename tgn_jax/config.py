@@ -38,8 +38,8 @@ class TGNConfig:
   mixer: "tgn" (recurrence + gate + attention), "attention" (a standard
     Transformer: no recurrence, no gate) or "recurrent" (no attention, no gate).
   recurrence: the inertia channel, "mingru" (parallel scan, the default) or
-    "gru" (sequential, the PyTorch reference's nn.GRU).
-  gate: "soft" (dense attention, mix by the gate probability: the reference's
+    "gru" (sequential, the equations of torch.nn.GRU).
+  gate: "soft" (dense attention, mix by the gate probability: the reference design's
     behaviour), "hard" (0/1 gate, straight-through gradient, attention computed
     only where open), "open" / "closed" (forced, for ablations).
   attention_execution: for the hard gate, "sparse" (gather the open tokens and

@@ -335,9 +335,9 @@ class ByteCorpus:
 
 def _windows(tokens: np.ndarray, starts_B: np.ndarray, seq_len: int, num_real: int) -> Batch:
     """Windows tokens[s : s + seq_len + 1] -> Batch; rows >= num_real are zeroed and masked out."""
-    window_BW = np.asarray(tokens[starts_B[:, None] + np.arange(seq_len + 1)]).astype(np.int32)
-    window_BW[num_real:] = 0
+    window_BT = np.asarray(tokens[starts_B[:, None] + np.arange(seq_len + 1)]).astype(np.int32)
+    window_BT[num_real:] = 0
     mask_BT = np.zeros((len(starts_B), seq_len), dtype=np.float32)
     mask_BT[:num_real] = 1.0
-    return Batch(np.ascontiguousarray(window_BW[:, :-1]), np.ascontiguousarray(window_BW[:, 1:]), mask_BT)
+    return Batch(np.ascontiguousarray(window_BT[:, :-1]), np.ascontiguousarray(window_BT[:, 1:]), mask_BT)
 

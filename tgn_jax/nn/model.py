@@ -325,10 +325,10 @@ def _decode_steps(graph_def, state, caches, logits_BV, position, key, temperatur
     return (model._logits(x)[:, 0], tuple(new_caches), key), (token_B, logits_BV,
                                                               jnp.stack(is_open))
 
-  (next_logits, caches, _), (tokens_NB, logits_NBV, open_NLB) = jax.lax.scan(
+  (next_logits, caches, _), (tokens_EB, logits_EBV, open_ELB) = jax.lax.scan(
       decode, (logits_BV, caches, key), jnp.arange(steps, dtype=jnp.int32))
-  return Decoded(tokens=tokens_NB.T, logits=jnp.moveaxis(logits_NBV, 0, 1),
-                 is_open=jnp.transpose(open_NLB, (1, 2, 0)), next_logits=next_logits,
+  return Decoded(tokens=tokens_EB.T, logits=jnp.moveaxis(logits_EBV, 0, 1),
+                 is_open=jnp.transpose(open_ELB, (1, 2, 0)), next_logits=next_logits,
                  cache=caches)
 
 
