@@ -111,13 +111,15 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   can be stopped and started again.
   """
   from tgn_jax.training import rundir
-  from tgn_jax.training.config import resolve
+  from tgn_jax.training.config import ConfigError, resolve
   from tgn_jax.training.loop import prepare, train
   run = rundir.RunDir(out)
   quiet = {"run.out": str(out), "run.progress": False, "run.plots": False}
   if run.config.exists():
-    stored = run.stored_config()
-    rundir.check_resume_changes(stored, options)
+    try:
+      rundir.check_resume_changes(run.stored_config(), options)
+    except ConfigError as e:
+      raise ConfigError(f"{out} holds a run with other options: {e}") from None
     if run.finished():
       return run.read_summary()
   resume = run.config.exists() and bool(rundir.checkpoint_steps(run.checkpoints))

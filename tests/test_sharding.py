@@ -18,7 +18,8 @@ import pytest
 
 from tgn_jax import TGNConfig, functional
 from tgn_jax.data import mqar_batch
-from tgn_jax.training import cli, loop, sharding
+from tgn_jax.training import cli, loop, rundir, sharding
+from tgn_jax.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 # d_model 64: the MLP and recurrence weights are large enough to be sharded.
@@ -182,14 +183,14 @@ def test_resume_with_no_readable_checkpoint_is_one_error_line(saved_run, capsys)
 
 def test_failed_save_is_one_error_and_keeps_earlier_checkpoints(tmp_path, capsys, monkeypatch):
   out = tmp_path / "run"
-  original = loop.ocp.CheckpointManager.save
+  original = rundir.ocp.CheckpointManager.save
 
   def full_disk(self, step, *args, **kwargs):
     if step == 8:
       raise OSError(28, "No space left on device")
     return original(self, step, *args, **kwargs)
 
-  monkeypatch.setattr(loop.ocp.CheckpointManager, "save", full_disk)
+  monkeypatch.setattr(rundir.ocp.CheckpointManager, "save", full_disk)
   assert cli.main(RUN + [f"--out={out}"]) == 1
   err = capsys.readouterr().err
   errors = [line for line in err.splitlines() if line.startswith("train.py: error")]
@@ -224,7 +225,7 @@ def test_resume_with_other_model_options_keeps_the_checkpoints(saved_run, tmp_pa
   stored = json.loads((saved_run / "config.json").read_text())
   config = resolve({"resume": True, "d_model": 32}, base=stored)
   run, task, mesh = loop.prepare(config)
-  with pytest.raises(loop.ConfigError, match=r"holds .* of shape .* needs"):
+  with pytest.raises(ConfigError, match=r"holds .* of shape .* needs"):
     loop.train(config, run, task, mesh)
   assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == ["4", "8"]
 
