@@ -22,13 +22,12 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common, gate_control  # noqa: E402
 from tgn_jax.config import TGNConfig  # noqa: E402
 from tgn_jax.ops.attention import gibbs_attention  # noqa: E402
 from tgn_jax.ops.gate import (CapacityLadder, count_report, distinct_fractions,  # noqa: E402
-                              gathered_slots, route_causal_segments)
+                              route_causal_segments)
 
-DEFAULTS = TGNConfig(vocab_size=1)  # the library's capacity buckets
 COLUMNS = ["T", "B", "path", "impl", "rate", "segment", "capacity", "gathered", "ms", "fraction",
            "ideal", "error"]
 
@@ -56,7 +55,8 @@ def gated_loss(q, k, v, w, selected, *, impl, segment_len, multiple, capacity):
 
 def ladder_capacity(selected, seq_len: int, segment_len: int, multiple: int) -> float:
   """The capacity a CapacityLadder settles on for this selection (library defaults)."""
-  ladder = CapacityLadder(distinct_fractions(DEFAULTS.capacity_buckets, seq_len, segment_len,
+  # The dataclass field's default, as a class attribute: no config is built.
+  ladder = CapacityLadder(distinct_fractions(TGNConfig.capacity_buckets, seq_len, segment_len,
                                              multiple))
   report = count_report(selected, 1.0, segment_len, multiple)
   ladder.observe(False, float(report.needed))
@@ -76,7 +76,7 @@ def main(argv=None):
                       help="comma-separated gathered-attention routes to compare side by side: "
                            "cudnn (position mask as a dense bias), pallas (tgn_jax.ops.flash), "
                            "xla; default: the library's choice (dense rows always use it)")
-  parser.add_argument("--multiple", type=int, default=DEFAULTS.capacity_multiple,
+  parser.add_argument("--multiple", type=int, default=TGNConfig.capacity_multiple,
                       help="capacities rounded up to this multiple")
   parser.add_argument("--repeats", type=int, default=20)
   args = parser.parse_args(argv)
@@ -104,7 +104,7 @@ def main(argv=None):
         if segment > seq_len and segment_len:
           continue
         capacity = ladder_capacity(inputs[4], seq_len, segment, args.multiple)
-        gathered = gathered_slots(seq_len, capacity, segment, args.multiple) / seq_len
+        gathered = gate_control.gathered_fraction(seq_len, capacity, segment, args.multiple)
         for impl in args.impls:
           step = grad(functools.partial(gated_loss, impl=impl, segment_len=segment,
                                         multiple=args.multiple, capacity=capacity))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, gate_control  # noqa: E402
+from benchmarks import common, gate_control, models  # noqa: E402
 from tgn_jax import TGNConfig, count_params, functional  # noqa: E402
 
 MODELS = ("tgn-hard-0.10", "tgn-kvopen-0.10", "transformer")
@@ -41,8 +41,7 @@ COLUMNS = ["model", "context", "B", "prefill_ms", "ms_per_step", "tokens_per_s",
 
 def main(argv=None):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
-                      help=f"comma-separated subset of {', '.join(MODELS)}")
+  models.add_option(parser, MODELS)
   parser.add_argument("--contexts", type=common.int_list, default=[4096, 32768],
                       help="prompt + decoded tokens")
   parser.add_argument("--batches", type=common.int_list, default=[1, 16])
@@ -62,9 +61,6 @@ def main(argv=None):
     parser.set_defaults(layers=2, d_model=32, heads=2, vocab=64, contexts=[48], batches=[1, 2],
                         steps=16, dtype="float32", repeats=5)
     args = parser.parse_args(argv)
-  unknown = sorted(set(args.models) - set(MODELS))
-  if unknown:
-    parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
   if not 2 <= args.steps < min(args.contexts):
     parser.error("need 2 <= steps < every context")
 
@@ -92,13 +88,13 @@ def main(argv=None):
 
 def measure(name: str, context: int, batch: int, args) -> dict:
   """One row: decode throughput of model `name` at this context and batch (or its error)."""
-  target = gate_control.MODELS[name]["open_rate"]
+  target = models.MODELS[name].open_rate
   prompt_len = context - args.steps
   row = dict(model=name, context=context, B=batch, prompt=prompt_len, target_rate=target)
   try:
     config = TGNConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
                        n_heads=args.heads, max_seq_len=context, dtype=args.dtype,
-                       attention_impl=args.attention_impl, **gate_control.architecture(name))
+                       attention_impl=args.attention_impl, **models.architecture(name))
     row["params"] = count_params(config)
     model_def, params = functional.init(config, jax.random.key(0))
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, args.vocab)
