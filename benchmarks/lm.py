@@ -72,17 +72,13 @@ def main(argv=None):
 
 
 def plot(evals, reach, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for model, records in evals.items():
-    ax.plot([e["elapsed"] for e in records], [e["eval_bpb"] for e in records], "o-", label=model)
-  ax.axhline(reach, color="gray", lw=0.8, ls="--")
-  ax.set(xlabel="wall-clock seconds", ylabel="validation bits per byte",
-         title="Byte-level LM, equal width/depth/steps")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  lines = {model: [(e["elapsed"], e["eval_bpb"]) for e in records]
+           for model, records in evals.items()}
+  with common.figure(path) as fig:
+    ax = fig.add_subplot()
+    ax.axhline(reach, color="gray", lw=0.8, ls="--")
+    common.plot_lines(ax, lines, xlabel="wall-clock seconds", ylabel="validation bits per byte",
+                      title="Byte-level LM, equal width/depth/steps")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,20 @@ def add_option(parser: argparse.ArgumentParser, choices: Sequence[str]) -> None:
 
   parser.add_argument("--models", type=subset, default=list(choices),
                       help=f"comma-separated subset of {', '.join(choices)}")
+
+
+# The size options' values for a --tiny run (CPU).
+TINY_SIZE = dict(layers=2, d_model=32, heads=2, vocab=64, dtype="float32")
+
+
+def add_size_options(parser: argparse.ArgumentParser) -> None:
+  """--layers, --d_model, --heads, --vocab, --dtype and --attention_impl of the timed
+  library models (default: GPT-2 small's shape, bf16 compute)."""
+  parser.add_argument("--layers", type=int, default=12)
+  parser.add_argument("--d_model", type=int, default=768)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--vocab", type=int, default=50304)
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
+                      help="attention implementation of the library's models (default: "
+                           "TGNConfig's, cuDNN on GPU)")

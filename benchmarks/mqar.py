@@ -86,25 +86,21 @@ def _mean(values):
 
 
 def plot(rows, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(9, 3.6))
-  ax_acc, ax_gate = fig.subplots(1, 2)
-  for model in sorted({r["model"] for r in rows}):
-    for d_model in sorted({r["d_model"] for r in rows}):
-      pts = sorted((r["seq_len"], r["accuracy"], r["open_rate"]) for r in rows
-                   if r["model"] == model and r["d_model"] == d_model)
-      label = f"{model} d={d_model}"
-      ax_acc.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-      if models.MODELS[model].thermostat:
-        ax_gate.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-  ax_acc.set(xscale="log", xlabel="sequence length", ylabel="held-out accuracy", ylim=(0, 1.02),
-             title="MQAR accuracy (best LR)")
-  ax_gate.set(xscale="log", xlabel="sequence length", ylabel="hard open rate",
-              title="TGN open-gate rate")
-  ax_acc.legend(fontsize=7)
-  ax_gate.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  groups = [(model, d_model) for model in sorted({r["model"] for r in rows})
+            for d_model in sorted({r["d_model"] for r in rows})]
+
+  def lines(key, keep=lambda model: True):
+    return {f"{model} d={d_model}": [(r["seq_len"], r[key]) for r in rows
+                                     if r["model"] == model and r["d_model"] == d_model]
+            for model, d_model in groups if keep(model)}
+
+  with common.figure(path, figsize=(9, 3.6)) as fig:
+    ax_acc, ax_gate = fig.subplots(1, 2)
+    common.plot_lines(ax_acc, lines("accuracy"), xscale="log", xlabel="sequence length",
+                      ylabel="held-out accuracy", ylim=(0, 1.02), title="MQAR accuracy (best LR)")
+    common.plot_lines(ax_gate, lines("open_rate", lambda model: models.MODELS[model].thermostat),
+                      xscale="log", xlabel="sequence length", ylabel="hard open rate",
+                      title="TGN open-gate rate")
 
 
 if __name__ == "__main__":

@@ -47,10 +47,7 @@ def main(argv=None):
   parser.add_argument("--seq_lens", type=common.int_list, default=[1024, 4096, 8192, 32768])
   parser.add_argument("--tokens_per_batch", type=int, default=16384,
                       help="B*T (B = max(1, this // T))")
-  parser.add_argument("--layers", type=int, default=12)
-  parser.add_argument("--d_model", type=int, default=768)
-  parser.add_argument("--heads", type=int, default=12)
-  parser.add_argument("--vocab", type=int, default=50304)
+  models.add_size_options(parser)
   parser.add_argument("--exploration", type=float, default=TGNConfig.exploration,
                       help="closed-gate attention computed in training, as a fraction of the "
                            "open tokens' attention work (TGNConfig.exploration)")
@@ -58,15 +55,10 @@ def main(argv=None):
   parser.add_argument("--mesh", default=None,
                       help="also measure each library model with train.py's sharded step on "
                            "this mesh (data:D,fsdp:F), side by side with the unsharded one")
-  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
-                      help="attention implementation of the library's models (default: "
-                           "TGNConfig's, cuDNN on GPU)")
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args(argv)
   if args.tiny:  # new defaults; options given explicitly still win
-    parser.set_defaults(layers=2, d_model=32, heads=2, vocab=64, seq_lens=[32, 64],
-                        tokens_per_batch=512, dtype="float32", repeats=2)
+    parser.set_defaults(**models.TINY_SIZE, seq_lens=[32, 64], tokens_per_batch=512, repeats=2)
     args = parser.parse_args(argv)
 
   rows = []
@@ -165,7 +157,7 @@ def measure(name: str, seq_len: int, args, mesh=None) -> dict:
                compute_rate=float(np.mean([float(m["compute_rate"]) for m in history])),
                loss=float(history[-1]["loss"]), steps_run=len(history))
   except Exception as e:  # out of memory, compilation failure: keep the row, go on
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    row["error"] = common.error_text(e)
   return row
 
 
@@ -205,24 +197,18 @@ def measure_plain_gpt(seq_len: int, args) -> dict:
                peak_gib=common.peak_memory_gib(), compile_s=timing["compile_ms"] / 1e3,
                xla_gib=xla_gib, loss=float(train_step()))
   except Exception as e:  # out of memory, compilation failure: keep the row, go on
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    row["error"] = common.error_text(e)
   return row
 
 
 def add_ratios(rows: list[dict]) -> None:
   """Sets each row's vs_transformer and vs_plain_gpt: tokens/s over theirs at the same T
   (the unsharded rows'); and a sharded row's vs_unsharded: over its own unsharded row."""
-  for key, reference_model in (("vs_transformer", "transformer"), ("vs_plain_gpt", models.PLAIN_GPT)):
-    reference = {r["T"]: r["tokens_per_s"] for r in rows
-                 if r["model"] == reference_model and "tokens_per_s" in r and not r.get("mesh")}
-    for r in rows:
-      if "tokens_per_s" in r and r["T"] in reference:
-        r[key] = r["tokens_per_s"] / reference[r["T"]]
-  unsharded = {(r["model"], r["T"]): r["tokens_per_s"] for r in rows
-               if "tokens_per_s" in r and not r.get("mesh")}
-  for r in rows:
-    if r.get("mesh") and "tokens_per_s" in r and (r["model"], r["T"]) in unsharded:
-      r["vs_unsharded"] = r["tokens_per_s"] / unsharded[(r["model"], r["T"])]
+  for column, model in (("vs_transformer", "transformer"), ("vs_plain_gpt", models.PLAIN_GPT)):
+    common.add_ratio(rows, column, "tokens_per_s", ("T",),
+                     lambda r, model=model: r["model"] == model and not r.get("mesh"))
+  common.add_ratio(rows, "vs_unsharded", "tokens_per_s", ("model", "T"),
+                   lambda r: not r.get("mesh"), where=lambda r: r.get("mesh"))
 
 
 def _summary(row: dict) -> str:
@@ -234,22 +220,11 @@ def _summary(row: dict) -> str:
 
 
 def plot(rows, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for name in dict.fromkeys(r["model"] for r in rows):
-    pts = sorted((r["T"], r["tokens_per_s"]) for r in rows
-                 if r["model"] == name and "tokens_per_s" in r)
-    if pts:
-      ax.plot(*zip(*pts), marker="o", label=name)
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("sequence length T (B*T constant)")
-  ax.set_ylabel("training tokens / s")
-  ax.set_title("Training throughput (full optimizer step)")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  lines = {name: [(r["T"], r["tokens_per_s"]) for r in rows
+                  if r["model"] == name and "tokens_per_s" in r]
+           for name in dict.fromkeys(r["model"] for r in rows)}
+  common.loglog_plot(path, lines, xlabel="sequence length T (B*T constant)",
+                     ylabel="training tokens / s", title="Training throughput (full optimizer step)")
 
 
 if __name__ == "__main__":
