@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +24,8 @@ class Model:
   hard gate's open rate held by calibrating its bias. thermostat: trained with the
   thermostat at the benchmark's target rate (the others train without one)."""
 
-  fields: Optional[dict[str, Any]]
-  open_rate: Optional[float] = None
+  fields: dict[str, Any] | None
+  open_rate: float | None = None
   thermostat: bool = False
 
 
