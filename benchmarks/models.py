@@ -31,6 +31,7 @@ class Model:
 
 PLAIN_GPT = "plain-gpt"
 MODELS: dict[str, Model] = {
+    "tgn": Model(dict(mixer="tgn", gate="hard"), thermostat=True),
     "tgn-hard-0.10": Model(dict(mixer="tgn", recurrence="mingru", gate="hard"), open_rate=0.10),
     "tgn-hard-0.25": Model(dict(mixer="tgn", recurrence="mingru", gate="hard"), open_rate=0.25),
     "tgn-kvopen-0.10": Model(dict(mixer="tgn", recurrence="mingru", gate="hard", kv="open"),
@@ -39,7 +40,6 @@ MODELS: dict[str, Model] = {
     "transformer": Model(dict(mixer="attention")),
     "recurrent": Model(dict(mixer="recurrent", recurrence="mingru")),
     PLAIN_GPT: Model(None),
-    "tgn": Model(dict(mixer="tgn", gate="hard"), thermostat=True),
 }
 # What the speed benchmarks time (open rates held) and the quality benchmarks train.
 TIMED = ("tgn-hard-0.10", "tgn-hard-0.25", "tgn-kvopen-0.10", "tgn-soft-gru", "transformer",
