@@ -22,13 +22,12 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common, gate_control  # noqa: E402
 from tgn_jax.config import TGNConfig  # noqa: E402
 from tgn_jax.ops.attention import gibbs_attention  # noqa: E402
 from tgn_jax.ops.gate import (CapacityLadder, count_report, distinct_fractions,  # noqa: E402
-                              gathered_slots, route_causal_segments)
+                              route_causal_segments)
 
-DEFAULTS = TGNConfig(vocab_size=1)  # the library's capacity buckets
 COLUMNS = ["T", "B", "path", "impl", "rate", "segment", "capacity", "gathered", "ms", "fraction",
            "ideal", "error"]
 
@@ -56,7 +55,8 @@ def gated_loss(q, k, v, w, selected, *, impl, segment_len, multiple, capacity):
 
 def ladder_capacity(selected, seq_len: int, segment_len: int, multiple: int) -> float:
   """The capacity a CapacityLadder settles on for this selection (library defaults)."""
-  ladder = CapacityLadder(distinct_fractions(DEFAULTS.capacity_buckets, seq_len, segment_len,
+  # The dataclass field's default, as a class attribute: no config is built.
+  ladder = CapacityLadder(distinct_fractions(TGNConfig.capacity_buckets, seq_len, segment_len,
                                              multiple))
   report = count_report(selected, 1.0, segment_len, multiple)
   ladder.observe(False, float(report.needed))
@@ -76,7 +76,7 @@ def main(argv=None):
                       help="comma-separated gathered-attention routes to compare side by side: "
                            "cudnn (position mask as a dense bias), pallas (tgn_jax.ops.flash), "
                            "xla; default: the library's choice (dense rows always use it)")
-  parser.add_argument("--multiple", type=int, default=DEFAULTS.capacity_multiple,
+  parser.add_argument("--multiple", type=int, default=TGNConfig.capacity_multiple,
                       help="capacities rounded up to this multiple")
   parser.add_argument("--repeats", type=int, default=20)
   args = parser.parse_args(argv)
@@ -95,7 +95,8 @@ def main(argv=None):
     inputs = make_inputs(jax.random.key(0), batch, seq_len, args.heads, args.head_dim, 1.0, dtype)
     dense = common.time_fn(lambda: dense_step(*inputs), repeats=args.repeats)
     rows.append(dict(T=seq_len, B=batch, rate=1.0, path="dense", segment=None,
-                     ms=dense["median_ms"], fraction=1.0, ideal=1.0, **_extra(dense)))
+                     ms=dense["median_ms"], ideal=1.0, **_extra(dense)))
+    _add_fraction(rows)
     print(f"T={seq_len} B={batch} dense {dense['median_ms']:.3f} ms", flush=True)
     for rate in args.rates:
       inputs = make_inputs(jax.random.key(1), batch, seq_len, args.heads, args.head_dim, rate, dtype)
@@ -104,7 +105,7 @@ def main(argv=None):
         if segment > seq_len and segment_len:
           continue
         capacity = ladder_capacity(inputs[4], seq_len, segment, args.multiple)
-        gathered = gathered_slots(seq_len, capacity, segment, args.multiple) / seq_len
+        gathered = gate_control.gathered_fraction(seq_len, capacity, segment, args.multiple)
         for impl in args.impls:
           step = grad(functools.partial(gated_loss, impl=impl, segment_len=segment,
                                         multiple=args.multiple, capacity=capacity))
@@ -112,13 +113,13 @@ def main(argv=None):
             timing = common.time_fn(lambda: step(*inputs), repeats=args.repeats)
           except Exception as e:  # an unsupported shape for this route: keep going
             rows.append(dict(T=seq_len, B=batch, rate=rate, path="gated", impl=impl,
-                             segment=segment, error=f"{type(e).__name__}: {e}"[:300]))
+                             segment=segment, error=common.error_text(e)))
             print(f"  rate={rate} segment={segment} {impl}: {rows[-1]['error']}", flush=True)
             continue
           rows.append(dict(T=seq_len, B=batch, rate=rate, path="gated", impl=impl,
                            segment=segment, capacity=capacity, gathered=gathered,
-                           ms=timing["median_ms"], fraction=timing["median_ms"] / dense["median_ms"],
-                           ideal=rate, **_extra(timing)))
+                           ms=timing["median_ms"], ideal=rate, **_extra(timing)))
+          _add_fraction(rows)
           print(f"  rate={rate} segment={segment} {impl or 'default'} capacity={capacity} "
                 f"(gathered {gathered:.3f}): {timing['median_ms']:.3f} ms = "
                 f"{rows[-1]['fraction']:.3f} x dense", flush=True)
@@ -132,30 +133,29 @@ def main(argv=None):
   return common.finish("attention", args, {"rows": rows}, lambda png: plot(rows, png), config)
 
 
+def _add_fraction(rows):
+  """Sets each row's fraction: its time over the dense row's at the same T."""
+  common.add_ratio(rows, "fraction", "ms", ("T",), lambda r: r["path"] == "dense")
+
+
 def _extra(timing):
   return {"min_ms": timing["min_ms"], "compile_ms": timing["compile_ms"]}
 
 
 def plot(rows, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for seq_len in sorted({r["T"] for r in rows}):
-    gated = [r for r in rows if r["T"] == seq_len and r["path"] == "gated" and "ms" in r]
-    for segment, impl in sorted({(r["segment"], r["impl"] or "") for r in gated}):
-      pts = sorted((r["rate"], r["fraction"]) for r in gated
-                   if r["segment"] == segment and (r["impl"] or "") == impl)
-      ax.plot(*zip(*pts), marker="o",
-              label=f"T={seq_len}, segment {segment}, {impl or 'default'}")
+  gated = [r for r in rows if r["path"] == "gated" and "ms" in r]
+  lines = {f"T={seq_len}, segment {segment}, {impl or 'default'}":
+           [(r["rate"], r["fraction"]) for r in gated
+            if (r["T"], r["segment"], r["impl"] or "") == (seq_len, segment, impl)]
+           for seq_len, segment, impl in sorted({(r["T"], r["segment"], r["impl"] or "")
+                                                 for r in gated})}
   rates = sorted({r["rate"] for r in rows})
-  ax.plot(rates, rates, "k--", label="ideal (= open rate)")
-  ax.axhline(1.0, color="gray", lw=0.8)
-  ax.set_xlabel("open rate")
-  ax.set_ylabel("time / dense causal attention")
-  ax.set_title("Gated attention, forward + backward")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with common.figure(path) as fig:
+    ax = fig.add_subplot()
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.plot(rates, rates, "k--", label="ideal (= open rate)")
+    common.plot_lines(ax, lines, xlabel="open rate", ylabel="time / dense causal attention",
+                      title="Gated attention, forward + backward")
 
 
 if __name__ == "__main__":

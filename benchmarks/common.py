@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -11,7 +12,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -89,17 +90,74 @@ def write_results(name: str, results: dict[str, Any], out: str | None) -> Path:
   return path
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-  widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
-  print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-  for r in rows:
-    print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
-
-
-def _fmt(value) -> str:
+def format_value(value, missing: str = "-") -> str:
+  """A table cell: floats to 4 significant digits, None as `missing`."""
   if isinstance(value, float):
     return f"{value:.4g}"
-  return "-" if value is None else str(value)
+  return missing if value is None else str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+  """The rows' columns, right-aligned, on the terminal."""
+  widths = [max(len(c), *(len(format_value(r.get(c))) for r in rows)) for c in columns]
+  print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+  for r in rows:
+    print("  ".join(format_value(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+  """The rows as a Markdown table of the columns some row has (for RESULTS.md)."""
+  columns = [c for c in columns if any(c in r for r in rows)]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  for r in rows:
+    lines.append("| " + " | ".join(format_value(r.get(c), "–") for c in columns) + " |")
+  return "\n".join(lines)
+
+
+def add_ratio(rows: list[dict[str, Any]], column: str, value: str, keys: Sequence[str],
+              baseline: Callable[[dict[str, Any]], bool],
+              where: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
+  """Sets row[column] = row[value] / the `baseline` row's value with the same `keys`, on
+  the rows `where` selects that have the value and such a baseline row."""
+  reference = {tuple(r[k] for k in keys): r[value] for r in rows if baseline(r) and r.get(value)}
+  for r in rows:
+    key = tuple(r[k] for k in keys)
+    if r.get(value) and key in reference and where(r):
+      r[column] = r[value] / reference[key]
+
+
+def error_text(error: Exception) -> str:
+  """A row's error: the exception's type and first line, at most 300 characters."""
+  text = str(error)
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+@contextlib.contextmanager
+def figure(path: Path, figsize: tuple[float, float] = (6, 4), dpi: int = 120):
+  """A matplotlib Figure, laid out and saved as `path` when the block ends."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize)
+  yield fig
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+
+
+def plot_lines(ax, lines: dict[str, list[tuple[float, float]]], **settings) -> None:
+  """One marked line per label through its (x, y) points in x order (labels without
+  points left out), then ax.set(**settings) and a legend."""
+  for label, points in lines.items():
+    if points:
+      ax.plot(*zip(*sorted(points)), marker="o", label=label)
+  ax.set(**settings)
+  ax.legend(fontsize=7)
+
+
+def loglog_plot(path: Path, lines: dict[str, list[tuple[float, float]]], **settings) -> None:
+  """plot_lines on axes log2 in x (lengths) and log10 in y, saved as `path`."""
+  with figure(path) as fig:
+    ax = fig.add_subplot()
+    ax.set_xscale("log", base=2)
+    plot_lines(ax, lines, yscale="log", **settings)
 
 
 def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:

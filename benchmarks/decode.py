@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, gate_control  # noqa: E402
+from benchmarks import common, gate_control, models  # noqa: E402
 from tgn_jax import TGNConfig, count_params, functional  # noqa: E402
 
 MODELS = ("tgn-hard-0.10", "tgn-kvopen-0.10", "transformer")
@@ -41,30 +41,18 @@ COLUMNS = ["model", "context", "B", "prefill_ms", "ms_per_step", "tokens_per_s",
 
 def main(argv=None):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
-                      help=f"comma-separated subset of {', '.join(MODELS)}")
+  models.add_option(parser, MODELS)
   parser.add_argument("--contexts", type=common.int_list, default=[4096, 32768],
                       help="prompt + decoded tokens")
   parser.add_argument("--batches", type=common.int_list, default=[1, 16])
   parser.add_argument("--steps", type=int, default=128, help="tokens decoded per call")
   parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  parser.add_argument("--layers", type=int, default=12)
-  parser.add_argument("--d_model", type=int, default=768)
-  parser.add_argument("--heads", type=int, default=12)
-  parser.add_argument("--vocab", type=int, default=50304)
-  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
-                      help="attention implementation of the library's models (default: "
-                           "TGNConfig's, cuDNN on GPU)")
+  models.add_size_options(parser)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
   if args.tiny:  # new defaults; options given explicitly still win
-    parser.set_defaults(layers=2, d_model=32, heads=2, vocab=64, contexts=[48], batches=[1, 2],
-                        steps=16, dtype="float32", repeats=5)
+    parser.set_defaults(**models.TINY_SIZE, contexts=[48], batches=[1, 2], steps=16, repeats=5)
     args = parser.parse_args(argv)
-  unknown = sorted(set(args.models) - set(MODELS))
-  if unknown:
-    parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
   if not 2 <= args.steps < min(args.contexts):
     parser.error("need 2 <= steps < every context")
 
@@ -75,7 +63,8 @@ def main(argv=None):
         rows.append(measure(name, context, batch, args))
         print(_summary(rows[-1]), flush=True)
         common.save_partial("decode", args, rows)
-  add_transformer_ratio(rows)
+  common.add_ratio(rows, "vs_transformer", "tokens_per_s", ("context", "B"),
+                   lambda r: r["model"] == "transformer")
 
   common.print_table(rows, COLUMNS)
   config = {
@@ -92,13 +81,13 @@ def main(argv=None):
 
 def measure(name: str, context: int, batch: int, args) -> dict:
   """One row: decode throughput of model `name` at this context and batch (or its error)."""
-  target = gate_control.MODELS[name]["open_rate"]
+  target = models.MODELS[name].open_rate
   prompt_len = context - args.steps
   row = dict(model=name, context=context, B=batch, prompt=prompt_len, target_rate=target)
   try:
     config = TGNConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
                        n_heads=args.heads, max_seq_len=context, dtype=args.dtype,
-                       attention_impl=args.attention_impl, **gate_control.architecture(name))
+                       attention_impl=args.attention_impl, **models.architecture(name))
     row["params"] = count_params(config)
     model_def, params = functional.init(config, jax.random.key(0))
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, args.vocab)
@@ -131,17 +120,8 @@ def measure(name: str, context: int, batch: int, args) -> dict:
       row.update(decode_open_rate=float(jnp.mean(is_open)),
                  decode_skip_rate=float(jnp.mean(~jnp.any(is_open, axis=1))))
   except Exception as e:  # out of memory, compilation failure: keep the row, go on
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    row["error"] = common.error_text(e)
   return row
-
-
-def add_transformer_ratio(rows: list[dict]) -> None:
-  """Sets vs_transformer = tokens/s / the transformer's at the same context and batch."""
-  reference = {(r["context"], r["B"]): r["tokens_per_s"] for r in rows
-               if r["model"] == "transformer" and r.get("tokens_per_s")}
-  for r in rows:
-    if r.get("tokens_per_s") and (r["context"], r["B"]) in reference:
-      r["vs_transformer"] = r["tokens_per_s"] / reference[(r["context"], r["B"])]
 
 
 def _summary(row: dict) -> str:
@@ -153,23 +133,13 @@ def _summary(row: dict) -> str:
 
 
 def plot(rows, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for name in dict.fromkeys(r["model"] for r in rows):
-    for batch in sorted({r["B"] for r in rows}):
-      pts = sorted((r["context"], r["tokens_per_s"]) for r in rows
-                   if r["model"] == name and r["B"] == batch and r.get("tokens_per_s"))
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=f"{name}, B={batch}")
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("context (prompt + generated tokens)")
-  ax.set_ylabel("decode tokens / s")
-  ax.set_title("Generation throughput (prefill excluded)")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  lines = {f"{name}, B={batch}": [(r["context"], r["tokens_per_s"]) for r in rows
+                                  if r["model"] == name and r["B"] == batch
+                                  and r.get("tokens_per_s")]
+           for name in dict.fromkeys(r["model"] for r in rows)
+           for batch in sorted({r["B"] for r in rows})}
+  common.loglog_plot(path, lines, xlabel="context (prompt + generated tokens)",
+                     ylabel="decode tokens / s", title="Generation throughput (prefill excluded)")
 
 
 if __name__ == "__main__":

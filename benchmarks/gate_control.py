@@ -1,5 +1,4 @@
-"""The benchmarked models, and holding the hard gate's open rate at a chosen value from
-outside the library.
+"""Holding the hard gate's open rate at a chosen value from outside the library.
 
 The gate opens a token when sigmoid(logit) > threshold, and the gate head's output layer
 adds a bias to the logit. Shifting each layer's bias by the right amount opens the wanted
@@ -16,24 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tgn_jax import functional
-from tgn_jax.config import TGNConfig
 from tgn_jax.ops import gate as gate_ops
-
-# Model settings (TGNConfig / TrainConfig fields) and, for the hard gate, the open rate held.
-MODELS = {
-    "tgn-hard-0.10": dict(mixer="tgn", recurrence="mingru", gate="hard", open_rate=0.10),
-    "tgn-hard-0.25": dict(mixer="tgn", recurrence="mingru", gate="hard", open_rate=0.25),
-    "tgn-kvopen-0.10": dict(mixer="tgn", recurrence="mingru", gate="hard", kv="open",
-                            open_rate=0.10),
-    "tgn-soft-gru": dict(mixer="tgn", recurrence="gru", gate="soft", open_rate=None),
-    "transformer": dict(mixer="attention", open_rate=None),
-    "recurrent": dict(mixer="recurrent", recurrence="mingru", open_rate=None),
-}
-
-
-def architecture(name: str) -> dict:
-  """The config fields of model `name` (MODELS without the open rate)."""
-  return {k: v for k, v in MODELS[name].items() if k != "open_rate"}
 
 
 def gate_bias(params):
@@ -67,11 +49,10 @@ def layer_rates(open_LBT: jax.Array) -> list[float]:
   return [float(r) for r in jnp.mean(open_LBT, axis=(1, 2), dtype=jnp.float32)]
 
 
-def gathered_fraction(config: TGNConfig, seq_len: int, capacity: float) -> float:
-  """Query slots the attention computes per token at this routing capacity (1.0 when
-  it computes densely): what the attention work scales with."""
-  return gate_ops.gathered_slots(seq_len, capacity, config.segment_len,
-                                 config.capacity_multiple) / seq_len
+def gathered_fraction(seq_len: int, capacity: float, segment_len: int, multiple: int) -> float:
+  """Query slots attention computes per token at this routing capacity (1.0 when it
+  computes densely): what the attention work scales with."""
+  return gate_ops.gathered_slots(seq_len, capacity, segment_len, multiple) / seq_len
 
 
 def _cut_between(sorted_logits: np.ndarray, closed: int) -> float:

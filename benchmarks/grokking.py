@@ -92,9 +92,11 @@ def main(argv=None):
 
 
 def plot(curves, rows, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(7, 2.4 * len(curves)))
-  axes = fig.subplots(len(curves), 1, squeeze=False)[:, 0]
+  with common.figure(path, figsize=(7, 2.4 * len(curves)), dpi=110) as fig:
+    _draw(fig.subplots(len(curves), 1, squeeze=False)[:, 0], curves, rows)
+
+
+def _draw(axes, curves, rows):
   for ax, row in zip(axes, rows):
     evals = curves[row["seed"]]
     steps = [e["step"] for e in evals]
@@ -113,8 +115,6 @@ def plot(curves, rows, path):
                  fontsize=9)
     twin.legend(fontsize=7, loc="center right")
   axes[-1].set_xlabel("step")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common, models  # noqa: E402
 
 COLUMNS = ["model", "bpb", "open_rate", "params", "tokens_per_sec", "seconds", "seconds_to_reach"]
-
-MODELS = {
-    "tgn": dict(mixer="tgn", gate="hard"),
-    "transformer": dict(mixer="attention", target_rate=None),
-    "recurrent": dict(mixer="recurrent", target_rate=None),
-}
 
 
 def time_to_reach(evals: list[dict], bpb: float):
@@ -35,7 +29,7 @@ def time_to_reach(evals: list[dict], bpb: float):
 def main(argv=None):
   parser = common.base_parser(__doc__.splitlines()[0])
   parser.add_argument("--data", default=None, help="text file or directory (default: stdlib)")
-  parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+  models.add_option(parser, models.TRAINED)
   parser.add_argument("--steps", type=int, default=3000)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=16)
@@ -57,7 +51,7 @@ def main(argv=None):
                    batch_size=args.batch_size, d_model=args.d_model, n_layers=args.n_layers,
                    target_rate=args.target_rate, eval_every=max(1, args.steps // 10),
                    eval_batches=2 if args.tiny else 16, checkpoint_every=max(1, args.steps // 4))
-    options.update(MODELS[model])
+    options.update(models.train_options(model))
     summary = common.train_run(options, runs_dir / model)
     evals[model] = common.read_records(runs_dir / model, "eval")
     rows.append(dict(model=model, bpb=summary["final"]["eval_bpb"],
@@ -67,7 +61,8 @@ def main(argv=None):
     print(rows[-1], flush=True)
   reach = args.reach_bpb
   if reach is None:
-    reach = max(r["bpb"] for r in rows if r["model"] != "recurrent") if len(rows) > 1 else rows[0]["bpb"]
+    attention = [r["bpb"] for r in rows if models.architecture(r["model"])["mixer"] != "recurrent"]
+    reach = max(attention) if len(rows) > 1 else rows[0]["bpb"]
   for r in rows:
     r["seconds_to_reach"] = time_to_reach(evals[r["model"]], reach)
   common.print_table(rows, COLUMNS)
@@ -77,17 +72,13 @@ def main(argv=None):
 
 
 def plot(evals, reach, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for model, records in evals.items():
-    ax.plot([e["elapsed"] for e in records], [e["eval_bpb"] for e in records], "o-", label=model)
-  ax.axhline(reach, color="gray", lw=0.8, ls="--")
-  ax.set(xlabel="wall-clock seconds", ylabel="validation bits per byte",
-         title="Byte-level LM, equal width/depth/steps")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  lines = {model: [(e["elapsed"], e["eval_bpb"]) for e in records]
+           for model, records in evals.items()}
+  with common.figure(path) as fig:
+    ax = fig.add_subplot()
+    ax.axhline(reach, color="gray", lw=0.8, ls="--")
+    common.plot_lines(ax, lines, xlabel="wall-clock seconds", ylabel="validation bits per byte",
+                      title="Byte-level LM, equal width/depth/steps")
 
 
 if __name__ == "__main__":

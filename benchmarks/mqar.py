@@ -18,16 +18,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common, models  # noqa: E402
 
 COLUMNS = ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
            "open_at_queries", "open_elsewhere", "steps"]
-
-MODELS = {
-    "tgn": dict(mixer="tgn", gate="hard"),
-    "transformer": dict(mixer="attention", target_rate=None),
-    "recurrent": dict(mixer="recurrent", target_rate=None),
-}
 
 
 def grid_list(text: str) -> list[tuple[int, int]]:
@@ -41,7 +35,7 @@ def main(argv=None):
   parser.add_argument("--vocab_size", type=int, default=8192)
   parser.add_argument("--d_models", type=common.int_list, default=[64, 128])
   parser.add_argument("--lrs", type=common.float_list, default=[1e-3, 3e-3])
-  parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+  models.add_option(parser, models.TRAINED)
   parser.add_argument("--steps", type=int, default=4000)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--target_rate", type=float, default=0.15, help="TGN thermostat target")
@@ -51,7 +45,6 @@ def main(argv=None):
   if args.tiny:
     args.grid, args.vocab_size, args.d_models, args.lrs = [(32, 4)], 64, [32], [3e-3]
     args.steps, args.batch_size, args.eval_examples = 30, 16, 32
-    MODELS["tgn"] = dict(MODELS["tgn"], soft_warmup=0)
   runs_dir = Path(args.runs_dir or common.RESULTS_DIR / ("mqar_runs" + ("_tiny" if args.tiny else "")))
 
   rows = []
@@ -65,9 +58,11 @@ def main(argv=None):
                          steps=args.steps, batch_size=args.batch_size, lr=lr,
                          eval_examples=args.eval_examples, eval_every=max(1, args.steps // 8),
                          checkpoint_every=max(1, args.steps // 4), target_rate=args.target_rate)
-          options.update(MODELS[model])
+          options.update(models.train_options(model))
           name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
-          if model == "tgn":
+          if models.MODELS[model].thermostat:
+            if args.tiny:  # too few steps for a soft warm-up
+              options["soft_warmup"] = 0
             name += f"_target{args.target_rate:g}"
           summary = common.train_run(options, runs_dir / name)
           final = summary["final"]
@@ -91,25 +86,21 @@ def _mean(values):
 
 
 def plot(rows, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(9, 3.6))
-  ax_acc, ax_gate = fig.subplots(1, 2)
-  for model in sorted({r["model"] for r in rows}):
-    for d_model in sorted({r["d_model"] for r in rows}):
-      pts = sorted((r["seq_len"], r["accuracy"], r["open_rate"]) for r in rows
-                   if r["model"] == model and r["d_model"] == d_model)
-      label = f"{model} d={d_model}"
-      ax_acc.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-      if model == "tgn":
-        ax_gate.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-  ax_acc.set(xscale="log", xlabel="sequence length", ylabel="held-out accuracy", ylim=(0, 1.02),
-             title="MQAR accuracy (best LR)")
-  ax_gate.set(xscale="log", xlabel="sequence length", ylabel="hard open rate",
-              title="TGN open-gate rate")
-  ax_acc.legend(fontsize=7)
-  ax_gate.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  groups = [(model, d_model) for model in sorted({r["model"] for r in rows})
+            for d_model in sorted({r["d_model"] for r in rows})]
+
+  def lines(key, keep=lambda model: True):
+    return {f"{model} d={d_model}": [(r["seq_len"], r[key]) for r in rows
+                                     if r["model"] == model and r["d_model"] == d_model]
+            for model, d_model in groups if keep(model)}
+
+  with common.figure(path, figsize=(9, 3.6)) as fig:
+    ax_acc, ax_gate = fig.subplots(1, 2)
+    common.plot_lines(ax_acc, lines("accuracy"), xscale="log", xlabel="sequence length",
+                      ylabel="held-out accuracy", ylim=(0, 1.02), title="MQAR accuracy (best LR)")
+    common.plot_lines(ax_gate, lines("open_rate", lambda model: models.MODELS[model].thermostat),
+                      xscale="log", xlabel="sequence length", ylabel="hard open rate",
+                      title="TGN open-gate rate")
 
 
 if __name__ == "__main__":

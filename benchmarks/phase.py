@@ -85,9 +85,11 @@ def _row(lam: float, summary: dict, thermostat: bool) -> dict:
 
 
 def plot(rows, thermo, critical, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
+  with common.figure(path) as fig:
+    _draw(fig.add_subplot(), rows, thermo, critical)
+
+
+def _draw(ax, rows, thermo, critical):
   lams = [r["lam"] for r in rows]
   ax.plot(lams, [r["open_rate"] for r in rows], "o-", color="tab:blue", label="open rate")
   ax.plot(lams, [r["susceptibility"] for r in rows], "s--", color="tab:green",
@@ -102,8 +104,6 @@ def plot(rows, thermo, critical, path):
   twin.set_ylabel("cross-entropy (nats)", color="tab:red")
   ax.legend(fontsize=7, loc="upper right")
   twin.legend(fontsize=7, loc="center right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

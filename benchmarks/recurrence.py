@@ -20,6 +20,7 @@ from benchmarks import common  # noqa: E402
 from tgn_jax.ops import recurrence as rec  # noqa: E402
 
 COLUMNS = ["recurrence", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_reference", "mtok_per_s_fwd"]
+REFERENCE = "diagonal associative_scan (reference)"
 
 
 def diagonal_scan(a, b):
@@ -46,7 +47,7 @@ def main(argv=None):
   a = jax.nn.sigmoid(x1)
 
   cases = {
-      "diagonal associative_scan (reference)": (lambda a, b: diagonal_scan(a, b), (a, x2)),
+      REFERENCE: (lambda a, b: diagonal_scan(a, b), (a, x2)),
       "minGRU parallel (tgn_jax default)": (lambda g, c: rec.min_gru(g, c), (x1, x2)),
       "minGRU sequential (lax.scan)": (lambda g, c: rec.min_gru(g, c, parallel=False), (x1, x2)),
       "GRU lax.scan": (lambda xp, w: rec.gru(xp, w, jnp.zeros(3 * d)), (x3, w_hh)),
@@ -60,9 +61,8 @@ def main(argv=None):
     rows.append(dict(recurrence=name, fwd_ms=f["median_ms"], fwd_bwd_ms=fb["median_ms"],
                      mtok_per_s_fwd=b * t / f["median_ms"] / 1e3))
     print(rows[-1], flush=True)
-  base = rows[0]["fwd_bwd_ms"]
-  for r in rows:
-    r["fwd_bwd_vs_reference"] = r["fwd_bwd_ms"] / base
+  common.add_ratio(rows, "fwd_bwd_vs_reference", "fwd_bwd_ms", (),
+                   lambda r: r["recurrence"] == REFERENCE)
   common.print_table(rows, COLUMNS)
   return common.finish("recurrence", args, {"rows": rows},
                        config={"B": b, "T": t, "D": d, "dtype": "float32"})

@@ -15,15 +15,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR  # noqa: E402
+from benchmarks.common import RESULTS_DIR, format_value, markdown_table  # noqa: E402
 
 
-def table(rows: list[dict], columns: list[str]) -> str:
-  columns = [c for c in columns if any(c in r for r in rows)]
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  for r in rows:
-    lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
-  return "\n".join(lines)
+def _cell(value) -> str:
+  return format_value(value, "–")
 
 
 def render(path: Path) -> str:
@@ -33,22 +29,16 @@ def render(path: Path) -> str:
   out = [f"### {path.stem}",
          f"{env['device']} ({env['backend']}), jax {env['jax']}, flax {env['flax']}, "
          f"{env['date']}; `{env['command']}`", "",
-         table(results["rows"], importlib.import_module(f"benchmarks.{kind}").COLUMNS)]
+         markdown_table(results["rows"], importlib.import_module(f"benchmarks.{kind}").COLUMNS)]
   for key in ("verdict", "critical_lam", "reach_bpb"):
     if key in results:
-      out.append(f"\n{key}: {_fmt(results[key])}")
+      out.append(f"\n{key}: {_cell(results[key])}")
   if "thermostat" in results:
     t = results["thermostat"]
-    out.append(f"\nthermostat: settles at lambda {_fmt(t['lam'])}, open rate "
-               f"{_fmt(t['open_rate'])}, eval ce {_fmt(t['eval_ce'])}, accuracy "
-               f"{_fmt(t['eval_accuracy'])}")
+    out.append(f"\nthermostat: settles at lambda {_cell(t['lam'])}, open rate "
+               f"{_cell(t['open_rate'])}, eval ce {_cell(t['eval_ce'])}, accuracy "
+               f"{_cell(t['eval_accuracy'])}")
   return "\n".join(out)
-
-
-def _fmt(value) -> str:
-  if isinstance(value, float):
-    return f"{value:.4g}"
-  return "–" if value is None else str(value)
 
 
 def main(argv=None):

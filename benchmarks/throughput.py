@@ -3,14 +3,7 @@
 Models of one width and depth (default 12 layers, d_model 768, 12 heads, vocab 50304, bf16
 compute), each trained by the library's own jitted step (forward, backward, AdamW with
 clipping) on random tokens, for sequence lengths T at constant B*T (B = max(1, 16384 // T),
-so T = 32768 runs one sequence):
-
-  tgn-hard-0.10 / -0.25  TGN, minGRU, hard gate with its open rate held at 0.10 / 0.25
-  tgn-kvopen-0.10        the same at 0.10 with kv="open" (closed tokens write no key/value)
-  tgn-soft-gru           TGN, GRU, soft gate (reference-style: attention everywhere; see README)
-  transformer            attention only
-  recurrent              minGRU only
-  plain-gpt              the Transformer's shape in pure jax + optax (benchmarks/plain_gpt.py)
+so T = 32768 runs one sequence); the models are benchmarks/models.py's TIMED.
 
 The hard gate's open rate is held by calibrating each layer's gate bias on the batch
 (benchmarks/gate_control.py), with lambda = 0, no thermostat and a learning rate of 1e-5 so
@@ -34,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, gate_control, plain_gpt  # noqa: E402
+from benchmarks import common, gate_control, models, plain_gpt  # noqa: E402
 from tgn_jax import TGNConfig, count_params, functional  # noqa: E402
 from tgn_jax.nn.model import capacity_ladder  # noqa: E402
 from tgn_jax.training import sharding  # noqa: E402
@@ -42,8 +35,6 @@ from tgn_jax.training import steps  # noqa: E402
 from tgn_jax.training.config import resolve  # noqa: E402
 
 LEARNING_RATE = 1e-5
-PLAIN_GPT = "plain-gpt"
-MODELS = list(gate_control.MODELS) + [PLAIN_GPT]
 COLUMNS = ["model", "mesh", "T", "B", "ms", "tokens_per_s", "vs_transformer", "vs_plain_gpt",
            "vs_unsharded", "open_rate",
            "compute_rate", "capacity", "gathered_fraction", "redone", "peak_gib", "xla_gib",
@@ -52,44 +43,32 @@ COLUMNS = ["model", "mesh", "T", "B", "ms", "tokens_per_s", "vs_transformer", "v
 
 def main(argv=None):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--models", type=lambda s: s.split(","), default=MODELS,
-                      help=f"comma-separated subset of {', '.join(MODELS)}")
+  models.add_option(parser, models.TIMED)
   parser.add_argument("--seq_lens", type=common.int_list, default=[1024, 4096, 8192, 32768])
   parser.add_argument("--tokens_per_batch", type=int, default=16384,
                       help="B*T (B = max(1, this // T))")
-  parser.add_argument("--layers", type=int, default=12)
-  parser.add_argument("--d_model", type=int, default=768)
-  parser.add_argument("--heads", type=int, default=12)
-  parser.add_argument("--vocab", type=int, default=50304)
-  parser.add_argument("--exploration", type=float, default=TGNConfig(vocab_size=1).exploration,
+  models.add_size_options(parser)
+  parser.add_argument("--exploration", type=float, default=TGNConfig.exploration,
                       help="closed-gate attention computed in training, as a fraction of the "
                            "open tokens' attention work (TGNConfig.exploration)")
   parser.add_argument("--remat", action="store_true", help="rematerialise each layer")
   parser.add_argument("--mesh", default=None,
                       help="also measure each library model with train.py's sharded step on "
                            "this mesh (data:D,fsdp:F), side by side with the unsharded one")
-  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
-                      help="attention implementation of the library's models (default: "
-                           "TGNConfig's, cuDNN on GPU)")
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args(argv)
   if args.tiny:  # new defaults; options given explicitly still win
-    parser.set_defaults(layers=2, d_model=32, heads=2, vocab=64, seq_lens=[32, 64],
-                        tokens_per_batch=512, dtype="float32", repeats=2)
+    parser.set_defaults(**models.TINY_SIZE, seq_lens=[32, 64], tokens_per_batch=512, repeats=2)
     args = parser.parse_args(argv)
-  unknown = sorted(set(args.models) - set(MODELS))
-  if unknown:
-    parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
 
   rows = []
   for seq_len in args.seq_lens:
     for name in args.models:
-      rows.append(measure_plain_gpt(seq_len, args) if name == PLAIN_GPT
+      rows.append(measure_plain_gpt(seq_len, args) if name == models.PLAIN_GPT
                   else measure(name, seq_len, args))
       print(_summary(rows[-1]), flush=True)
       common.save_partial("throughput", args, rows)
-      if args.mesh and name != PLAIN_GPT:
+      if args.mesh and name != models.PLAIN_GPT:
         rows.append(measure(name, seq_len, args, mesh=sharding.MeshSpec.parse(args.mesh).build()))
         print(_summary(rows[-1]), flush=True)
         common.save_partial("throughput", args, rows)
@@ -101,7 +80,7 @@ def main(argv=None):
       "dtype": args.dtype, "tokens_per_batch": args.tokens_per_batch, "remat": args.remat,
       "attention_impl": args.attention_impl,
       "exploration": args.exploration, "learning_rate": LEARNING_RATE,
-      "models": {name: gate_control.MODELS.get(name, "pure jax + optax") for name in args.models},
+      "models": {name: models.describe(name) for name in args.models},
       "measure": "full train step (forward, backward, AdamW), median; tokens/s = B*T / step; "
                  "open_rate, compute_rate: mean over layers and all steps run; capacity: the "
                  "routing capacity (fraction of a segment) the ladder held at the end; "
@@ -116,12 +95,12 @@ def measure(name: str, seq_len: int, args, mesh=None) -> dict:
   """One row: timing, rates and memory of model `name` at length seq_len (or its error);
   with a mesh, through the sharded step the training loop runs."""
   batch = max(1, args.tokens_per_batch // seq_len)
-  target = gate_control.MODELS[name]["open_rate"]
+  target = models.MODELS[name].open_rate
   row = dict(model=name, T=seq_len, B=batch, target_rate=target,
              mesh=None if mesh is None else args.mesh)
   try:
     train_config = resolve(dict(
-        **gate_control.architecture(name), d_model=args.d_model, n_layers=args.layers,
+        **models.architecture(name), d_model=args.d_model, n_layers=args.layers,
         n_heads=args.heads, exploration=args.exploration, dtype=args.dtype, remat=args.remat,
         seq_len=seq_len, batch_size=batch, lam=0.0, target_rate=None, lr=LEARNING_RATE,
         warmup_steps=0))
@@ -167,9 +146,9 @@ def measure(name: str, seq_len: int, args, mesh=None) -> dict:
                tokens_per_s=batch * seq_len / (timing["median_ms"] / 1e3),
                peak_gib=common.peak_memory_gib(), compile_s=timing["compile_ms"] / 1e3,
                capacity=ladder.current, redone=redone_in_timing,
-               gathered_fraction=gate_control.gathered_fraction(model_config, seq_len,
-                                                                ladder.current)
-               if routed else None,
+               gathered_fraction=gate_control.gathered_fraction(
+                   seq_len, ladder.current, model_config.segment_len,
+                   model_config.capacity_multiple) if routed else None,
                xla_gib=_compiled_gib(step_fn.lower(holder[0], controls, *batch_arrays,
                                                    ladder.current).compile()))
     open_rates = np.array([float(m["gate_hard"]) for m in history])
@@ -178,7 +157,7 @@ def measure(name: str, seq_len: int, args, mesh=None) -> dict:
                compute_rate=float(np.mean([float(m["compute_rate"]) for m in history])),
                loss=float(history[-1]["loss"]), steps_run=len(history))
   except Exception as e:  # out of memory, compilation failure: keep the row, go on
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    row["error"] = common.error_text(e)
   return row
 
 
@@ -195,7 +174,7 @@ def _compiled_gib(compiled) -> float | None:
 def measure_plain_gpt(seq_len: int, args) -> dict:
   """The plain JAX GPT's row (or its error)."""
   batch = max(1, args.tokens_per_batch // seq_len)
-  row = dict(model=PLAIN_GPT, T=seq_len, B=batch, open_rate=1.0, compute_rate=1.0)
+  row = dict(model=models.PLAIN_GPT, T=seq_len, B=batch, open_rate=1.0, compute_rate=1.0)
   try:
     dtype = jnp.dtype(args.dtype)
     params = plain_gpt.init(jax.random.key(0), vocab=args.vocab, d_model=args.d_model,
@@ -218,24 +197,18 @@ def measure_plain_gpt(seq_len: int, args) -> dict:
                peak_gib=common.peak_memory_gib(), compile_s=timing["compile_ms"] / 1e3,
                xla_gib=xla_gib, loss=float(train_step()))
   except Exception as e:  # out of memory, compilation failure: keep the row, go on
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    row["error"] = common.error_text(e)
   return row
 
 
 def add_ratios(rows: list[dict]) -> None:
   """Sets each row's vs_transformer and vs_plain_gpt: tokens/s over theirs at the same T
   (the unsharded rows'); and a sharded row's vs_unsharded: over its own unsharded row."""
-  for key, reference_model in (("vs_transformer", "transformer"), ("vs_plain_gpt", PLAIN_GPT)):
-    reference = {r["T"]: r["tokens_per_s"] for r in rows
-                 if r["model"] == reference_model and "tokens_per_s" in r and not r.get("mesh")}
-    for r in rows:
-      if "tokens_per_s" in r and r["T"] in reference:
-        r[key] = r["tokens_per_s"] / reference[r["T"]]
-  unsharded = {(r["model"], r["T"]): r["tokens_per_s"] for r in rows
-               if "tokens_per_s" in r and not r.get("mesh")}
-  for r in rows:
-    if r.get("mesh") and "tokens_per_s" in r and (r["model"], r["T"]) in unsharded:
-      r["vs_unsharded"] = r["tokens_per_s"] / unsharded[(r["model"], r["T"])]
+  for column, model in (("vs_transformer", "transformer"), ("vs_plain_gpt", models.PLAIN_GPT)):
+    common.add_ratio(rows, column, "tokens_per_s", ("T",),
+                     lambda r, model=model: r["model"] == model and not r.get("mesh"))
+  common.add_ratio(rows, "vs_unsharded", "tokens_per_s", ("model", "T"),
+                   lambda r: not r.get("mesh"), where=lambda r: r.get("mesh"))
 
 
 def _summary(row: dict) -> str:
@@ -247,22 +220,11 @@ def _summary(row: dict) -> str:
 
 
 def plot(rows, path):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for name in dict.fromkeys(r["model"] for r in rows):
-    pts = sorted((r["T"], r["tokens_per_s"]) for r in rows
-                 if r["model"] == name and "tokens_per_s" in r)
-    if pts:
-      ax.plot(*zip(*pts), marker="o", label=name)
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("sequence length T (B*T constant)")
-  ax.set_ylabel("training tokens / s")
-  ax.set_title("Training throughput (full optimizer step)")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  lines = {name: [(r["T"], r["tokens_per_s"]) for r in rows
+                  if r["model"] == name and "tokens_per_s" in r]
+           for name in dict.fromkeys(r["model"] for r in rows)}
+  common.loglog_plot(path, lines, xlabel="sequence length T (B*T constant)",
+                     ylabel="training tokens / s", title="Training throughput (full optimizer step)")
 
 
 if __name__ == "__main__":

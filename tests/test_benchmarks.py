@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks import (attention, common, decode, grokking, lm, mqar, phase, recurrence, report,  # noqa: E402
-                        throughput)
+from benchmarks import (attention, common, decode, gate_control, grokking, lm, models,  # noqa: E402
+                        mqar, phase, recurrence, report, throughput)
 from tgn_jax import TGNConfig  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,6 +36,138 @@ def positive(value) -> bool:
 def assert_png(path: Path) -> None:
   data = path.read_bytes()
   assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, path
+
+
+# ---- the model registry and the shared helpers ----
+
+
+def test_registry_resolves_each_name_to_its_config_fields():
+  from tgn_jax.training.config import resolve
+  expected = {  # mixer, recurrence, gate, kv, open rate held, thermostat
+      "tgn": ("tgn", "mingru", "hard", "all", None, True),
+      "tgn-hard-0.10": ("tgn", "mingru", "hard", "all", 0.10, False),
+      "tgn-hard-0.25": ("tgn", "mingru", "hard", "all", 0.25, False),
+      "tgn-kvopen-0.10": ("tgn", "mingru", "hard", "open", 0.10, False),
+      "tgn-soft-gru": ("tgn", "gru", "soft", "all", None, False),
+      "transformer": ("attention", "mingru", "hard", "all", None, False),
+      "recurrent": ("recurrent", "mingru", "hard", "all", None, False),
+  }
+  assert set(models.MODELS) == set(expected) | {models.PLAIN_GPT}
+  for name, (*fields, open_rate, thermostat) in expected.items():
+    config = TGNConfig(vocab_size=8, **models.architecture(name))  # the library accepts it
+    assert [config.mixer, config.recurrence, config.gate, config.kv] == fields
+    assert models.MODELS[name].open_rate == open_rate
+    options = models.train_options(name)
+    trained = resolve(options)
+    assert [trained.mixer, trained.recurrence, trained.gate, trained.kv] == fields
+    # Only the thermostat model keeps the benchmark's target; the others train without one.
+    assert ("target_rate" not in options) == thermostat
+    assert thermostat or trained.target_rate is None
+  # Result files record a model's fields with its held open rate, as they always did.
+  assert models.describe("tgn-kvopen-0.10") == dict(mixer="tgn", recurrence="mingru",
+                                                    gate="hard", kv="open", open_rate=0.10)
+  assert models.describe("transformer") == dict(mixer="attention", open_rate=None)
+  assert models.describe(models.PLAIN_GPT) == "pure jax + optax"
+  with pytest.raises(ValueError, match="not a library model"):
+    models.architecture(models.PLAIN_GPT)
+  # Every benchmark offers registry names only; callers get copies, never the table.
+  assert set(models.TIMED) | set(models.TRAINED) | set(decode.MODELS) == set(models.MODELS)
+  models.architecture("tgn")["gate"] = "soft"
+  assert models.architecture("tgn") == dict(mixer="tgn", gate="hard")
+
+
+def test_models_option_takes_a_subset_of_the_benchmark_models():
+  parser = common.base_parser("x")
+  models.add_option(parser, decode.MODELS)
+  assert parser.parse_args([]).models == list(decode.MODELS)
+  assert parser.parse_args(["--models", "transformer,tgn-hard-0.10"]).models == [
+      "transformer", "tgn-hard-0.10"]
+  for other in ("recurrent", "nope"):  # in the registry but not this benchmark's, or unknown
+    with pytest.raises(SystemExit):
+      parser.parse_args(["--models", f"transformer,{other}"])
+
+
+def test_add_ratio_against_a_hand_computed_table():
+  rows = [dict(model="transformer", T=8, tokens_per_s=100.0),
+          dict(model="plain-gpt", T=8, tokens_per_s=125.0),
+          dict(model="tgn-hard-0.10", T=8, tokens_per_s=80.0),
+          dict(model="tgn-hard-0.10", T=8, mesh="data:1", tokens_per_s=60.0),
+          dict(model="transformer", T=8, mesh="data:1", tokens_per_s=1000.0),  # not a baseline
+          dict(model="transformer", T=16, tokens_per_s=40.0),
+          dict(model="tgn-hard-0.10", T=16, tokens_per_s=50.0),
+          dict(model="tgn-hard-0.10", T=32, tokens_per_s=30.0),  # no baseline at T=32
+          dict(model="plain-gpt", T=16, error="OOM")]
+  throughput.add_ratios(rows)
+  columns = ("vs_transformer", "vs_plain_gpt", "vs_unsharded")
+  assert [tuple(r.get(c) for c in columns) for r in rows] == [
+      (1.0, 0.8, None), (1.25, 1.0, None), (0.8, 0.64, None), (0.6, 0.48, 0.75),
+      (10.0, 8.0, 10.0), (1.0, None, None), (1.25, None, None), (None, None, None),
+      (None, None, None)]
+  # Several keys; the rows `where` leaves out get no ratio.
+  rows = [dict(model=m, context=c, B=b, ms=ms) for m, c, b, ms in [
+      ("transformer", 4, 1, 2.0), ("transformer", 4, 2, 4.0), ("tgn", 4, 1, 1.0),
+      ("tgn", 4, 2, 1.0)]]
+  common.add_ratio(rows, "fraction", "ms", ("context", "B"),
+                   lambda r: r["model"] == "transformer", where=lambda r: r["model"] == "tgn")
+  assert [r.get("fraction") for r in rows] == [None, None, 0.5, 0.25]
+
+
+def test_tables(capsys):
+  rows = [dict(model="tgn", bpb=1.234567, params=1000, open_rate=None),
+          dict(model="transformer", bpb=2.0, params=20)]
+  assert common.markdown_table(rows, ["model", "bpb", "open_rate", "absent", "params"]) == (
+      "| model | bpb | open_rate | params |\n"
+      "|---|---|---|---|\n"
+      "| tgn | 1.235 | – | 1000 |\n"
+      "| transformer | 2 | – | 20 |")
+  common.print_table(rows, ["model", "bpb", "open_rate"])
+  assert capsys.readouterr().out.splitlines() == [
+      "      model    bpb  open_rate",
+      "        tgn  1.235          -",
+      "transformer      2          -"]
+
+
+def test_error_text_keeps_the_type_and_first_line():
+  assert common.error_text(ValueError("shape mismatch\nfull trace")) == "ValueError: shape mismatch"
+  assert common.error_text(MemoryError()) == "MemoryError: "
+  assert common.error_text(RuntimeError("x" * 400)) == "RuntimeError: " + "x" * 286
+
+
+def test_plot_lines_skips_empty_lines_and_saves(tmp_path):
+  path = tmp_path / "p.png"
+  with common.figure(path) as fig:
+    ax = fig.add_subplot()
+    common.plot_lines(ax, {"a": [(2, 4.0), (1, 1.0), (3, 9.0)], "empty": []}, xlabel="x")
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [1.0, 4.0, 9.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a"]
+    assert ax.get_xlabel() == "x"
+  assert_png(path)
+
+
+def test_gathered_fraction_is_what_routing_gathers():
+  """The slots per token the benchmarks report equal the slots route_causal_segments
+  hands to its function, segment by segment."""
+  import jax.numpy as jnp
+  from tgn_jax.ops.gate import route_causal_segments
+  # 40 tokens in segments of 16, 16, 8; capacity 0.25 in tiles of 8: 8 + 8 + 8 slots.
+  def routed_slots(seq_len, fraction, segment_len, multiple):
+    slots = []
+
+    def record(x_BCD, positions_BC, lengths_B, end):
+      slots.append(x_BCD.shape[1])
+      return x_BCD
+
+    route_causal_segments(record, jnp.ones((1, seq_len), bool), jnp.ones((1, seq_len, 1)),
+                          fraction, segment_len, multiple)
+    return sum(slots)
+
+  for seq_len, fraction, segment_len, multiple, expected in [
+      (40, 0.25, 16, 8, 24 / 40), (40, 0.25, 16, 1, (4 + 4 + 2) / 40),
+      (64, 0.125, 32, 8, 16 / 64), (32, 0.25, 8192, 64, 1.0)]:
+    assert gate_control.gathered_fraction(seq_len, fraction, segment_len, multiple) == expected
+    if expected < 1.0:  # dense computes every query without routing
+      assert routed_slots(seq_len, fraction, segment_len, multiple) / seq_len == expected
 
 
 # ---- speed benchmarks (attention, recurrence, throughput, decode) ----
@@ -166,6 +298,7 @@ def test_mqar(tmp_path):
   again = mqar.main(["--tiny", "--models", "tgn", "--runs_dir", str(tmp_path / "runs"),
                      "--out", str(tmp_path / "y.json")])
   assert again["rows"][0]["seconds"] == row["seconds"]
+  assert models.train_options("tgn") == dict(mixer="tgn", gate="hard")  # --tiny changed nothing
   # A run directory trained with other options is never reused as if it matched.
   (run_dir,) = (tmp_path / "runs").iterdir()
   with pytest.raises(ValueError, match="other options"):

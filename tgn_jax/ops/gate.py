@@ -145,13 +145,21 @@ def segment_bounds(seq_len: int, segment_len: int) -> list[tuple[int, int]]:
   return [(start, min(start + segment_len, seq_len)) for start in range(0, seq_len, segment_len)]
 
 
+def segment_capacities(seq_len: int, fraction: float, segment_len: int, multiple: int = 1
+                       ) -> list[tuple[int, int, int]]:
+  """[(start, end, capacity)] of the segments routing gathers: each segment's capacity is
+  `fraction` of its length rounded up to `multiple` (capacity_tokens)."""
+  return [(start, end, capacity_tokens(end - start, fraction, multiple))
+          for start, end in segment_bounds(seq_len, segment_len)]
+
+
 def count_report(selected_BT: Array, fraction: float, segment_len: int, multiple: int = 1
                  ) -> RouteReport:
   """The RouteReport of routing selected_BT at this capacity fraction, without routing."""
   overflow, needed = jnp.bool_(False), jnp.float32(0.0)
-  for start, end in segment_bounds(selected_BT.shape[1], segment_len):
+  for start, end, capacity in segment_capacities(selected_BT.shape[1], fraction, segment_len,
+                                                 multiple):
     counts = jnp.sum(selected_BT[:, start:end], axis=1, dtype=jnp.int32)
-    capacity = capacity_tokens(end - start, fraction, multiple)
     overflow = overflow | jnp.any(counts > capacity)
     needed = jnp.maximum(needed, jnp.max(counts).astype(jnp.float32) / (end - start))
   return RouteReport(overflow, needed)
@@ -168,8 +176,8 @@ def gathered_slots(seq_len: int, fraction: float, segment_len: int, multiple: in
   """Query slots per row that attention computes at this capacity (seq_len when dense)."""
   if computes_densely(seq_len, fraction, segment_len, multiple):
     return seq_len
-  return sum(capacity_tokens(end - start, fraction, multiple)
-             for start, end in segment_bounds(seq_len, segment_len))
+  return sum(capacity for _, _, capacity in
+             segment_capacities(seq_len, fraction, segment_len, multiple))
 
 
 def route_causal_segments(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
@@ -184,12 +192,12 @@ def route_causal_segments(fn: Callable[..., PyTree], selected_BT: Array, operand
   RouteReport; with overflow set, some selected tokens were not computed.
   """
   outputs = []
-  for start, end in segment_bounds(selected_BT.shape[1], segment_len):
+  for start, end, capacity in segment_capacities(selected_BT.shape[1], fraction, segment_len,
+                                                 multiple):
     # Padding slots sit at the segment's first position: harmless, and never read back.
     segment_fn = lambda x, pos, lengths, start=start, end=end: fn(x, pos + start, lengths, end)
     out, _ = route(segment_fn, selected_BT[:, start:end],
-                   jax.tree.map(lambda x: x[:, start:end], operands),
-                   capacity_tokens(end - start, fraction, multiple))
+                   jax.tree.map(lambda x: x[:, start:end], operands), capacity)
     outputs.append(out)
   outputs = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outputs)
   return outputs, count_report(selected_BT, fraction, segment_len, multiple)
