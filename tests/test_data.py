@@ -14,6 +14,7 @@ import pytest
 
 import tgn_jax.data.text as text_module
 from tgn_jax.data import (
+    MQAR_FILLERS,
     Batch,
     ByteCorpus,
     DataError,
@@ -150,6 +151,90 @@ def test_mqar_gap_distribution_matches_zoology_sampler() -> None:
         ours = np.bincount(ours_NK[:, i], minlength=space) / n
         ref = np.bincount(ref_NK[:, i], minlength=space) / n
         assert np.abs(ours - ref).max() < 0.02, i
+
+
+def _filler_positions(batch: Batch, num_kv: int) -> np.ndarray:
+    """bool [B, T]: the positions that are neither a key-value pair nor a query."""
+    filler_BT = batch.mask == 0
+    filler_BT[:, : 2 * num_kv] = False
+    return filler_BT
+
+
+@pytest.mark.parametrize("seq_len,num_kv", [(64, 4), (128, 8), (256, 16), (16, 4)])
+def test_mqar_zero_fillers_follow_zoology_grid(seq_len: int, num_kv: int) -> None:
+    """fillers="zero" (Zoology's random_non_queries=False): key-value pairs first, keys in
+    [1, V/2) and values in [V/2, V) distinct within a row, each key queried once later, the
+    query's target its value, only queries scored, and token 0 everywhere else."""
+    vocab_size = 8192
+    kw = dict(seq_len=seq_len, num_kv=num_kv, vocab_size=vocab_size)
+    batch = mqar_batch(seed=3, step=11, batch_size=32, fillers="zero", **kw)
+    for array, dtype in zip(batch, (np.int32, np.int32, np.float32)):
+        assert array.shape == (32, seq_len) and array.dtype == dtype
+    _check_mqar_rows(batch, seq_len, num_kv, vocab_size)
+    filler_BT = _filler_positions(batch, num_kv)
+    assert (batch.inputs[filler_BT] == 0).all()
+    assert (batch.inputs[~filler_BT] != 0).all()  # keys >= 1, values >= V/2: only fillers are 0
+    assert (batch.mask.sum(axis=1) == num_kv).all()
+    assert (batch.targets[batch.mask == 0] == 0).all()
+
+
+def test_mqar_zero_fillers_change_only_the_fillers() -> None:
+    """The two filler kinds draw the same pairs and query positions, in training batches and
+    in a held-out set of several chunks; only the filler tokens differ."""
+    kw = dict(seq_len=128, num_kv=8, vocab_size=512)
+    pairs = [
+        tuple(mqar_batch(seed=2, step=5, batch_size=16, fillers=f, **kw) for f in ("random", "zero")),
+        # 300 examples: two chunks drawn from one stream
+        tuple(mqar_eval_set(seed=2, num_examples=300, fillers=f, **kw) for f in ("random", "zero")),
+    ]
+    for rand, zero in pairs:
+        np.testing.assert_array_equal(zero.targets, rand.targets)
+        np.testing.assert_array_equal(zero.mask, rand.mask)
+        filler_BT = _filler_positions(rand, 8)
+        np.testing.assert_array_equal(zero.inputs, np.where(filler_BT, 0, rand.inputs))
+        assert (rand.inputs[filler_BT] != 0).mean() > 0.99  # the random kind is not zero-filled
+    _check_mqar_rows(pairs[1][1], 128, 8, 512)
+
+
+@pytest.mark.parametrize("fillers", MQAR_FILLERS)
+def test_mqar_value_not_in_input_before_its_query(fillers: str) -> None:
+    """Before its query, a value is in the input only in its own key-value pair: otherwise
+    a model could copy it from nearby without recalling it. Random fillers hit a given value
+    by chance (1/V per filler position), so for them the count is held to the chance level;
+    zero fillers never hit a value."""
+    num_kv, vocab_size = 16, 8192
+    kw = dict(seq_len=256, num_kv=num_kv, vocab_size=vocab_size)
+    batch = mqar_batch(seed=4, step=1, batch_size=256, fillers=fillers, **kw)
+    filler_BT = _filler_positions(batch, num_kv)
+    hits = chance = 0.0
+    queries_after_gap = 0
+    for inputs_T, targets_T, mask_T, filler_T in zip(*batch, filler_BT):
+        for q in np.nonzero(mask_T)[0]:
+            value = targets_T[q]
+            pair = 2 * int(np.nonzero(inputs_T[0 : 2 * num_kv : 2] == inputs_T[q])[0][0])
+            assert inputs_T[pair + 1] == value  # its own pair holds it ...
+            before_T = np.delete(inputs_T[:q], pair + 1)
+            hits += np.count_nonzero(before_T == value)  # ... and nothing else before the query
+            chance += np.count_nonzero(filler_T[:q]) / vocab_size
+            queries_after_gap += q > 2 * num_kv
+    assert queries_after_gap > 2000  # most queries leave room for a leak
+    if fillers == "zero":
+        assert hits == 0
+    else:
+        assert 0 < chance < 100
+        assert hits <= chance + 5 * np.sqrt(chance), (hits, chance)
+
+
+@pytest.mark.parametrize("fillers", ["zeros", "", None, "Random"])
+def test_mqar_invalid_fillers(fillers) -> None:
+    assert MQAR_FILLERS == ("random", "zero")
+    for make in (
+        lambda: mqar_batch(seed=0, step=0, fillers=fillers, **MQAR),
+        lambda: mqar_eval_set(seed=0, num_examples=4, seq_len=128, num_kv=8, vocab_size=512,
+                              fillers=fillers),
+    ):
+        with pytest.raises(ValueError, match="fillers"):
+            make()
 
 
 def test_mqar_is_fast() -> None:

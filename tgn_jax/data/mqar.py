@@ -6,8 +6,11 @@ Layout of one example of length T with K key-value pairs (V = vocab_size):
     keys in [1, V//2), values in [V//2, V), distinct within an example; each key is queried
     once at position 2K + 2*gap, gaps drawn without replacement with power-law weights
     p(gap) ~ (gap + 1) ** (power_a - 1); the target at a query is its value and only query
-    positions are scored. Every other position, including the one after a query, holds a
-    uniformly random token from [0, V), as in Zoology.
+    positions are scored. Every other position, including the one after a query, holds
+    the filler: fillers="random" (default) a uniformly random token from [0, V), as in
+    Zoology's default (random_non_queries=True); fillers="zero" the token 0, as in
+    Zoology's grid (random_non_queries=False). The two kinds draw the same keys, values and
+    query positions from the same random stream.
 """
 
 from __future__ import annotations
@@ -19,9 +22,17 @@ from tgn_jax.data.batch import Batch, DataError, batch_rows, heldout_rng, row_rn
 # Held-out sets are built in chunks to bound the [chunk, V/2] scratch arrays.
 _EVAL_CHUNK = 256
 
+FILLERS = ("random", "zero")
+
 
 def _validate(
-    count: int, seq_len: int, num_kv: int, vocab_size: int, power_a: float, count_name: str = "batch_size"
+    count: int,
+    seq_len: int,
+    num_kv: int,
+    vocab_size: int,
+    power_a: float,
+    fillers: str,
+    count_name: str = "batch_size",
 ) -> None:
     if count < 1:
         raise DataError(f"mqar: {count_name} must be >= 1, got {count}")
@@ -39,6 +50,8 @@ def _validate(
         )
     if not (np.isfinite(power_a) and power_a > 0):
         raise DataError(f"mqar: power_a must be a finite number > 0, got {power_a}")
+    if fillers not in FILLERS:
+        raise DataError(f"mqar: fillers must be one of {', '.join(FILLERS)}, got {fillers!r}")
 
 
 def _smallest_k_sorted(scores_BN: np.ndarray, k: int) -> np.ndarray:
@@ -76,6 +89,7 @@ def _generate(
     num_kv: int,
     vocab_size: int,
     power_a: float,
+    fillers: str,
 ) -> Batch:
     half = vocab_size // 2
     keys_BK = 1 + _distinct(rng, batch_size, half - 1, num_kv)
@@ -84,7 +98,10 @@ def _generate(
     gaps_BK = _power_law_gaps(rng, batch_size, (seq_len - context) // 2, num_kv, power_a)
     query_pos_BK = context + 2 * gaps_BK
 
+    # Drawn for both kinds, so that later draws (the next chunk of a held-out set) agree.
     inputs_BT = rng.integers(0, vocab_size, size=(batch_size, seq_len), dtype=np.int32)
+    if fillers == "zero":
+        inputs_BT[:] = 0
     inputs_BT[:, 0:context:2] = keys_BK
     inputs_BT[:, 1:context:2] = values_BK
     np.put_along_axis(inputs_BT, query_pos_BK, keys_BK.astype(np.int32), axis=1)
@@ -105,16 +122,18 @@ def mqar_batch(
     vocab_size: int,
     power_a: float = 0.01,
     rows: range | None = None,
+    fillers: str = "random",
 ) -> Batch:
     """Rows `rows` (default: all) of training batch `step` of run `seed`: int32
     inputs/targets [R, T], float32 mask [R, T].
 
     Pure function of its arguments; row r is drawn from row_rng(seed, step, r) alone, so
     any split of the rows between processes builds the same batch. Exactly num_kv scored
-    positions per row.
+    positions per row. fillers: "random" or "zero", the token at every position that is
+    neither a key-value pair nor a query (see the module docstring).
     """
-    _validate(batch_size, seq_len, num_kv, vocab_size, power_a)
-    parts = [_generate(row_rng(seed, step, r), 1, seq_len, num_kv, vocab_size, power_a)
+    _validate(batch_size, seq_len, num_kv, vocab_size, power_a, fillers)
+    parts = [_generate(row_rng(seed, step, r), 1, seq_len, num_kv, vocab_size, power_a, fillers)
              for r in batch_rows(batch_size, rows)]
     if not parts:
         empty = np.zeros((0, seq_len), np.int32)
@@ -129,12 +148,15 @@ def mqar_eval_set(
     num_kv: int,
     vocab_size: int,
     power_a: float = 0.01,
+    fillers: str = "random",
 ) -> Batch:
     """Fixed held-out set [num_examples, T] from an RNG stream no training (seed, step) uses."""
-    _validate(num_examples, seq_len, num_kv, vocab_size, power_a, count_name="num_examples")
+    _validate(num_examples, seq_len, num_kv, vocab_size, power_a, fillers, count_name="num_examples")
     rng = heldout_rng(seed)
     chunks = [
-        _generate(rng, min(_EVAL_CHUNK, num_examples - start), seq_len, num_kv, vocab_size, power_a)
+        _generate(
+            rng, min(_EVAL_CHUNK, num_examples - start), seq_len, num_kv, vocab_size, power_a, fillers
+        )
         for start in range(0, num_examples, _EVAL_CHUNK)
     ]
     return Batch(*(np.concatenate(parts, axis=0) for parts in zip(*chunks)))
