@@ -256,3 +256,19 @@ def test_distinct_fractions_drop_duplicate_programs():
   assert gate_ops.distinct_fractions(buckets, 32, 8192, 64) == (1.0,)  # all dense
   assert gate_ops.gathered_slots(64, 0.125, 32, 8) == 16  # two segments of 8 slots
   assert gate_ops.computes_densely(64, 0.9, 64, 8)
+
+
+def test_oracle_gate_opens_exactly_the_scored_positions_of_the_last_layer():
+  mask_BT = jnp.array([[0, 1, 0, 1], [1, 0, 0, 0]], jnp.float32)
+  open_LBT = gate_ops.oracle_gate(mask_BT, 3)
+  assert open_LBT.shape == (3, 2, 4) and open_LBT.dtype == jnp.bool_
+  assert not open_LBT[:2].any()
+  np.testing.assert_array_equal(open_LBT[2], mask_BT > 0)
+
+
+def test_random_gate_opens_each_layer_at_its_rate():
+  open_LBT = gate_ops.random_gate(jax.random.key(0), jnp.array([0.0, 0.1, 0.5]), (64, 512))
+  rates = np.asarray(open_LBT.mean(axis=(1, 2)))
+  np.testing.assert_allclose(rates, [0.0, 0.1, 0.5], atol=0.01)
+  other = gate_ops.random_gate(jax.random.key(1), jnp.array([0.5, 0.5, 0.5]), (4, 64))
+  assert not np.array_equal(other[0], other[1])  # layers draw independently

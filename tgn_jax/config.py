@@ -13,12 +13,14 @@ Recurrence = Literal["mingru", "gru"]
 GateMode = Literal["soft", "hard", "open", "closed"]
 Execution = Literal["sparse", "dense"]
 KeyValues = Literal["all", "open"]
+GateInput = Literal["recurrence", "both"]
 
 MIXERS = ("tgn", "attention", "recurrent")
 RECURRENCES = ("mingru", "gru")
 GATE_MODES = ("soft", "hard", "open", "closed")
 EXECUTIONS = ("sparse", "dense")
 KEY_VALUES = ("all", "open")
+GATE_INPUTS = ("recurrence", "both")
 IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -45,6 +47,8 @@ class TGNConfig:
   attention_execution: for the hard gate, "sparse" (gather the open tokens and
     compute attention for them only) or "dense" (attention everywhere, same
     mix). None picks "sparse" for the hard gate, "dense" otherwise.
+  gate_input: what the gate reads: "recurrence" (the recurrence's output r_t) or "both"
+    (the block's normalised input and r_t).
   kv: "all" (every token writes a key and value) or "open" (only tokens whose hard gate
     is open do: attention runs among open tokens, its cost scales with the square of the
     open rate, and the decoding cache holds open tokens only). "open" needs gate="hard".
@@ -87,6 +91,7 @@ class TGNConfig:
   gate_threshold: float = 0.5
   gate_sampling: bool = False
   gate_hidden: Optional[int] = None
+  gate_input: GateInput = "recurrence"
   gate_bias_init: float = 0.0
   attention_execution: Optional[Execution] = None
   kv: KeyValues = "all"
@@ -128,6 +133,7 @@ class TGNConfig:
     _require_choice("dtype", self.dtype, tuple(DTYPES))
     _require_choice("param_dtype", self.param_dtype, tuple(DTYPES))
     _require_choice("kv", self.kv, KEY_VALUES)
+    _require_choice("gate_input", self.gate_input, GATE_INPUTS)
     if self.kv == "open" and not (self.mixer == "tgn" and self.gate == "hard"):
       raise ConfigFieldError("kv", f"kv='open' needs mixer='tgn' and gate='hard', got mixer={self.mixer!r}, "
                        f"gate={self.gate!r}")

@@ -27,12 +27,15 @@ def init(config: TGNConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
 
 def apply(model_def: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, *,
           rng: Optional[jax.Array] = None, stats: StatsMode = "mean",
-          capacity: Optional[float] = None) -> tuple[jax.Array, ModelAux]:
+          capacity: Optional[float] = None, open_LBT: Optional[jax.Array] = None
+          ) -> tuple[jax.Array, ModelAux]:
   """Runs the model: logits float32 [B, T, V] and ModelAux (see TGNLM.__call__).
 
   capacity: the hard gate's routing capacity (static). Under jit/grad/vmap the default
   is 1.0 (attention computed densely); with a smaller fraction, check aux.overflow and
   recompute at a larger one when it is set (tgn_jax.ops.CapacityLadder does the choice).
+  open_LBT: bool [L, B, T], a given hard-gate decision per layer in place of the learned
+  one (reference gates for ablations: see tgn_jax.ops.gate.oracle_gate, random_gate).
   """
   _check_params(model_def, params)
   config = _config_of(model_def)
@@ -41,7 +44,13 @@ def apply(model_def: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, *,
   _check_tokens(tokens_BT, config)
   if stats not in (None, "mean", "token"):
     raise ValueError(f"stats must be None, 'mean' or 'token', got {stats!r}")
-  run = lambda c: _apply(model_def, params, tokens_BT, rng, stats, c)
+  if open_LBT is not None:
+    expected = (config.n_layers,) + tuple(tokens_BT.shape)
+    if tuple(open_LBT.shape) != expected or not (config.has_gate and config.gate == "hard"):
+      raise ValueError(f"open_LBT must be bool {list(expected)} [layers, batch, tokens] and "
+                       f"needs gate='hard'; got shape {tuple(open_LBT.shape)}, gate "
+                       f"{config.gate!r}")
+  run = lambda c: _apply(model_def, params, tokens_BT, rng, stats, c, open_LBT)
   return _run_exact(run, capacity, config, (model_def, tokens_BT.shape, rng is None),
                     traced=_is_traced((tokens_BT, params, rng)))
 

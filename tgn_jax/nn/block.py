@@ -98,7 +98,8 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
                cache: Optional[LayerCache] = None, key: Optional[jax.Array] = None,
-               return_stats: bool = False, capacity: float = 1.0
+               return_stats: bool = False, capacity: float = 1.0,
+               open_BT: Optional[jax.Array] = None
                ) -> tuple[jax.Array, LayerAux, Optional[LayerCache]]:
     """One layer over T tokens at positions_BT.
 
@@ -110,6 +111,8 @@ class Block(nnx.Module):
     capacity: the hard gate's routing capacity, a fraction of each segment; a capacity
       that rounds up to the whole segment (1.0 always) computes attention densely (exact,
       cannot overflow).
+    open_BT: bool [B, T], a given hard-gate decision in place of the learned one (reference
+      gates for ablations: oracle, random); no exploration then.
     Returns (x [B, T, D], LayerAux, the updated cache or None).
     """
     h = self.norm_mix(x_BTD)
@@ -117,7 +120,7 @@ class Block(nnx.Module):
     r = state = None
     if self.recurrence is not None:
       r, state = self.recurrence(h, None if cache is None else cache.state)
-    prob, is_open, computed, explored_fraction = self._gate(r, key, h.shape[:2])
+    prob, is_open, computed, explored_fraction = self._gate(h, r, key, open_BT)
     stats, report, a = None, _NO_REPORT, None
     if self.attention is not None:
       keys, cache = self._keys(h, positions_BT, is_open, cache, decoding=decoding,
@@ -179,17 +182,23 @@ class Block(nnx.Module):
                          count=keys.lengths)
     return keys, cache
 
-  def _gate(self, r_BTD, key, shape):
+  def _gate(self, h_BTD, r_BTD, key, open_BT):
     """(open probability float32 [B, T], open bool [B, T], attention computed bool [B, T],
     the fraction of closed tokens explored, float32 scalar)."""
     none = jnp.float32(0.0)
+    shape = h_BTD.shape[:2]
     if self.mix in ("attention", "recurrence"):
       forced = jnp.full(shape, self.mix == "attention")
       return forced.astype(jnp.float32), forced, forced, none
     cfg = self.config
-    prob = jax.nn.sigmoid(self.gate_head(r_BTD))
+    gate_input = r_BTD if cfg.gate_input == "recurrence" else jnp.concatenate(
+        [h_BTD, r_BTD.astype(h_BTD.dtype)], axis=-1)
+    prob = jax.nn.sigmoid(self.gate_head(gate_input))
     if self.mix == "soft":
       return prob, prob > cfg.gate_threshold, jnp.ones(shape, bool), none
+    if open_BT is not None:
+      given = jnp.asarray(open_BT, bool)
+      return prob, given, given, none
     sample_key, explore_key = jax.random.split(key) if key is not None else (None, None)
     is_open = gate_ops.hard_gate(prob, threshold=cfg.gate_threshold,
                                  key=sample_key if cfg.gate_sampling else None)

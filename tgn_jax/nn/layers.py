@@ -32,15 +32,17 @@ class MLP(nnx.Module):
 
 
 class GateHead(nnx.Module):
-  """The gate logit MLP(r_t) of each token, float32 [B, T]; g_t = sigmoid(logit).
+  """The gate logit MLP(input_t) of each token, float32 [B, T]; g_t = sigmoid(logit).
 
-  Reads only the recurrent state r_t, so the gate is causal.
+  Its input is the recurrence's output r_t (gate_input="recurrence") or [norm(x_t), r_t]
+  ("both"): both are causal, so the gate is.
   """
 
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
-    self.hidden = linear(config, config.d_model, config.gate_dim, rngs=rngs, use_bias=True)
+    width = config.d_model * (2 if config.gate_input == "both" else 1)
+    self.hidden = linear(config, width, config.gate_dim, rngs=rngs, use_bias=True)
     self.out = linear(config, config.gate_dim, 1, rngs=rngs, use_bias=True,
                       bias_init=nnx.initializers.constant(config.gate_bias_init))
 
-  def __call__(self, r_BTD: jax.Array) -> jax.Array:
-    return self.out(jax.nn.gelu(self.hidden(r_BTD)))[..., 0].astype(jnp.float32)
+  def __call__(self, input_BTD: jax.Array) -> jax.Array:
+    return self.out(jax.nn.gelu(self.hidden(input_BTD)))[..., 0].astype(jnp.float32)

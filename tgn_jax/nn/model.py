@@ -65,8 +65,8 @@ class TGNLM(nnx.Module):
     self.final_norm = rms_norm(config, rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, *, rng: Optional[jax.Array] = None,
-               stats: StatsMode = "mean", capacity: Optional[float] = None
-               ) -> tuple[jax.Array, ModelAux]:
+               stats: StatsMode = "mean", capacity: Optional[float] = None,
+               open_LBT: Optional[jax.Array] = None) -> tuple[jax.Array, ModelAux]:
     """Logits float32 [B, T, V] and ModelAux.
 
     rng: training randomness (Bernoulli gate sampling, exploration of closed gates);
@@ -78,13 +78,16 @@ class TGNLM(nnx.Module):
       tokens, found by a CapacityLadder kept per input shape (a call that overflows is
       redone, so no token is ever left out); under a transformation (jit, grad, vmap),
       1.0. An explicit fraction below 1 is the caller's promise to check aux.overflow.
+    open_LBT: bool [L, B, T], a given hard-gate decision per layer in place of the
+      learned one (reference gates for ablations); None: the learned gate.
     """
     from tgn_jax import functional  # the one pure entry point (it is built on this module)
     return functional.apply(*nnx.split(self), tokens_BT, rng=rng, stats=stats,
-                            capacity=capacity)
+                            capacity=capacity, open_LBT=open_LBT)
 
   def _forward(self, tokens_BT, *, rng, stats: StatsMode, capacity: float,
-               cache: Optional[LayerCache] = None, last_logits_only: bool = False):
+               cache: Optional[LayerCache] = None, last_logits_only: bool = False,
+               open_LBT: Optional[jax.Array] = None):
     """Logits, ModelAux and the stacked caches ([L, ...]; None without `cache`)."""
     cfg = self.config
     batch, seq_len = tokens_BT.shape
@@ -94,16 +97,16 @@ class TGNLM(nnx.Module):
     layer_keys = jax.random.split(rng, cfg.n_layers) if rng is not None else None
 
     def layer(x, inputs):
-      state, key, layer_cache = inputs
+      state, key, layer_cache, open_BT = inputs
       x, aux, layer_cache = nnx.merge(block_def, state)(
           x, positions_BT, cache=layer_cache, key=key, return_stats=stats is not None,
-          capacity=capacity)
+          capacity=capacity, open_BT=open_BT)
       return x, (aux, layer_cache)
 
     if cfg.remat:
       layer = jax.checkpoint(layer, prevent_cse=False)
     x = self.embed(tokens_BT)
-    x, (layer_aux, caches) = jax.lax.scan(layer, x, (block_state, layer_keys, cache))
+    x, (layer_aux, caches) = jax.lax.scan(layer, x, (block_state, layer_keys, cache, open_LBT))
     if last_logits_only:  # prefill: [B, 1, V], not the full [B, T, V]
       x = x[:, -1:]
     return self._logits(x), _summarize(layer_aux, stats), caches
@@ -271,9 +274,9 @@ def _run_exact(run, capacity: Optional[float], cfg: TGNConfig, ladder_key, *, tr
 # Jitted entry points: eager calls then hit the compilation cache (keyed on the static
 # model structure); inside a user's jit they are simply inlined.
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _apply(graph_def, state, tokens_BT, rng, stats, capacity):
+def _apply(graph_def, state, tokens_BT, rng, stats, capacity, open_LBT=None):
   logits, aux, _ = nnx.merge(graph_def, state)._forward(tokens_BT, rng=rng, stats=stats,
-                                                         capacity=capacity)
+                                                         capacity=capacity, open_LBT=open_LBT)
   return logits, aux
 
 

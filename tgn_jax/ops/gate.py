@@ -273,3 +273,17 @@ class CapacityLadder:
     if bool(overflow) and self.current <= before:
       self.current = next((f for f in self.fractions if f > before), 1.0)
     return bool(overflow)
+
+
+def oracle_gate(scored_BT: Array, n_layers: int) -> Array:
+  """The least attention that solves a recall task: open exactly at the scored positions
+  (the queries) in the last layer, closed everywhere else. bool [L, B, T]."""
+  scored = jnp.asarray(scored_BT) > 0
+  closed = jnp.zeros((n_layers - 1,) + scored.shape, bool)
+  return jnp.concatenate([closed, scored[None]], axis=0)
+
+
+def random_gate(key: Array, rates_L: Array, shape_BT: tuple[int, int]) -> Array:
+  """Bernoulli(rate of each layer) at every token, independently: bool [L, B, T]."""
+  rates_L = jnp.asarray(rates_L, jnp.float32)
+  return jax.random.uniform(key, (rates_L.shape[0],) + tuple(shape_BT)) < rates_L[:, None, None]

@@ -47,8 +47,8 @@ def _parse_kwargs(option: Option) -> dict[str, Any]:
     return {"action": argparse.BooleanOptionalAction}
   if option.path == "model.temperature":
     return {"type": _temperature, "metavar": "T"}
-  if option.path == "model.capacity_buckets":
-    return {"type": _floats, "metavar": "F,F,..."}
+  if option.path in ("model.capacity_buckets", "ablation.reference_rates"):
+    return {"type": _none_or(_floats), "metavar": "F,F,..."}
   if option.choices is not None:  # checked by the config, whose message lists the choices
     optional = type(None) in typing.get_args(kind)
     return {"type": _none_or(str) if optional else str,
@@ -183,6 +183,11 @@ def format_summary(s: dict[str, Any]) -> str:
     parts.append(f"eval {final['eval_bpb']:.4f} bits/byte")
   if s.get("open_rate") is not None:
     parts.append(f"open-gate rate {s['open_rate']:.3f}")
+  if final.get("open_rate_scored") and final.get("open_rate_unscored") is not None:
+    scored, unscored = final["open_rate_scored"], final["open_rate_unscored"]
+    layers = len(scored)
+    parts.append(f"open at queries {sum(scored) / layers:.3f}, elsewhere "
+                 f"{sum(unscored) / layers:.3f} (oracle overall {final['oracle_open_rate']:.3f})")
   parts.append(f"lambda {s['lam']:.4g}")
   parts.append(f"{s['wall_seconds']:.0f} s")
   if s.get("tokens_per_sec"):

@@ -76,6 +76,17 @@ class ThermostatConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AblationConfig:
+  reference_gate: Optional[str] = _field(
+      None, "replace the learned hard gate: oracle (open at the scored positions in the last "
+      "layer, closed elsewhere) | random (Bernoulli at --reference_rates)",
+      choices=(None, "oracle", "random"))
+  reference_rates: Optional[tuple[float, ...]] = _field(
+      None, "random reference gate: open rate per layer (comma-separated; one value: every "
+      "layer)")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   steps: int = _field(1500, "optimizer steps")
   out: Optional[str] = _field(None, "run directory (metrics, summary, plots, checkpoints; "
@@ -115,6 +126,7 @@ MODEL_HELP = {
     "gate_threshold": "hard gate: open where the gate probability exceeds this",
     "gate_sampling": "Bernoulli-sample the hard gate in training",
     "gate_hidden": "gate MLP width (default max(8, d_model // 4))",
+    "gate_input": "what the gate reads: recurrence (its output) | both (also the block input)",
     "gate_bias_init": "initial gate logit bias (0: open probability 1/2)",
     "attention_execution": "sparse | dense (default: sparse for the hard gate)",
     "kv": "keys and values: all (every token) | open (open tokens only)",
@@ -136,7 +148,8 @@ MODEL_FROM_TASK = ("vocab_size", "max_seq_len")
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(TGNConfig) if f.name not in MODEL_FROM_TASK}
 
 SECTIONS: dict[str, type] = {"task": TaskConfig, "optimizer": OptimizerConfig,
-                             "thermostat": ThermostatConfig, "run": RunConfig}
+                             "thermostat": ThermostatConfig, "ablation": AblationConfig,
+                             "run": RunConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +174,7 @@ def _options() -> dict[str, Option]:
                 "attention_execution", "kv", "temperature", "exploration", "exploration_floor",
                 "gate_bias_init", "gate_sampling", "segment_len", "capacity_multiple", "dtype",
                 "remat"}
-  for section in ("task", "model", "optimizer", "thermostat", "run"):
+  for section in ("task", "model", "optimizer", "thermostat", "ablation", "run"):
     if section == "model":
       hints = typing.get_type_hints(TGNConfig)
       for name, f in MODEL_FIELDS.items():
@@ -201,6 +214,7 @@ class TrainConfig:
   model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # TGNConfig overrides
   optimizer: OptimizerConfig = OptimizerConfig()
   thermostat: ThermostatConfig = ThermostatConfig()
+  ablation: AblationConfig = AblationConfig()
   run: RunConfig = RunConfig()
 
   def model_config(self, vocab_size: int, max_seq_len: int) -> TGNConfig:
@@ -294,6 +308,11 @@ def from_dict(nested: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
   model = dict(nested.get("model", {}))
   if isinstance(model.get("capacity_buckets"), list):
     model["capacity_buckets"] = tuple(model["capacity_buckets"])
+  ablation = dict(nested.get("ablation", {}))
+  if isinstance(ablation.get("reference_rates"), (list, int, float)):
+    rates = ablation["reference_rates"]
+    ablation["reference_rates"] = tuple(rates) if isinstance(rates, list) else (float(rates),)
+  nested = {**nested, "ablation": ablation}
   config = TrainConfig(model=model,
                        **{name: cls(**nested.get(name, {})) for name, cls in SECTIONS.items()})
   validate(config)
@@ -383,6 +402,19 @@ def validate(c: TrainConfig) -> None:
   if run.process_id is not None and run.num_processes is not None and not (
       0 <= run.process_id < run.num_processes):
     fail("run.process_id", f"must be in [0, {run.num_processes}), got {run.process_id!r}")
+  ablation = c.ablation
+  if ablation.reference_gate not in (None, "oracle", "random"):
+    fail("ablation.reference_gate", f"must be oracle, random or none, got "
+         f"{ablation.reference_gate!r}")
+  if ablation.reference_gate is not None and (
+      c.model_value("mixer") != "tgn" or c.model_value("gate") != "hard"):
+    fail("ablation.reference_gate", "needs the hard gate (--mixer tgn --gate hard)")
+  rates = ablation.reference_rates
+  if ablation.reference_gate == "random" and (
+      not rates or any(not _finite(r) or not 0 <= r <= 1 for r in rates)
+      or len(rates) not in (1, c.model_value("n_layers"))):
+    fail("ablation.reference_rates", "must give a rate in [0, 1] for every layer (or one for "
+         f"all) with --reference_gate random, got {rates!r}")
   if run.on_nonfinite not in ("skip", "stop"):
     fail("run.on_nonfinite", f"must be skip or stop, got {run.on_nonfinite!r}")
   # The model's fields are checked by TGNConfig itself, which names the field at fault.
@@ -398,6 +430,6 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-__all__ = ["ConfigError", "OPTIONS", "Option", "PRESETS", "TASKS", "TaskConfig", "OptimizerConfig",
+__all__ = ["AblationConfig", "ConfigError", "OPTIONS", "Option", "PRESETS", "TASKS", "TaskConfig", "OptimizerConfig",
            "ThermostatConfig", "RunConfig", "TrainConfig", "flag", "from_dict", "nest", "resolve",
            "validate"]

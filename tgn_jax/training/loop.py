@@ -63,10 +63,12 @@ class _Phases:
 def _build_phases(config: TrainConfig, model_config: TGNConfig, model_def, optimizer, mesh,
                   shardings) -> _Phases:
   gate_mode = model_config.gate if model_config.mixer == "tgn" else "none"
+  reference = train_steps.reference_gate_fn(model_config, config.ablation.reference_gate,
+                                            config.ablation.reference_rates)
   step_fns = {gate_mode: train_steps.make_train_step(model_def, model_config, optimizer, mesh,
-                                                     shardings)}
+                                                     shardings, reference)}
   eval_fns = {gate_mode: train_steps.make_eval_step(model_def, model_config, mesh,
-                                                    shardings.params)}
+                                                    shardings.params, reference)}
   soft_steps = config.soft_warmup_steps
   if soft_steps:
     soft_config = model_config.replace(gate="soft", attention_execution=None, kv="all")
@@ -315,6 +317,8 @@ def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None
     record["eval_gate_hard"] = float(np.mean(total["open"]) / total["tokens"])
     record["open_rate"] = (total["open"] / total["tokens"]).tolist()
     record["open_rate_scored"] = (total["open_scored"] / max(total["count"], 1)).tolist()
+    # The oracle opens at the scored positions of the last layer only.
+    record["oracle_open_rate"] = float(total["count"] / total["tokens"] / len(total["open"]))
     if unscored > 0:
       record["open_rate_unscored"] = (total["open_unscored"] / unscored).tolist()
     if "stats_count" in total:

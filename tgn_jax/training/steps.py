@@ -13,7 +13,7 @@ rate, lambda's ramp, the thermostat's settings and the seed arrive as StepContro
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from tgn_jax import functional
 from tgn_jax.config import TGNConfig
 from tgn_jax.nn.model import TGNLM
+from tgn_jax.ops import gate as gate_ops
 from tgn_jax.ops.gate import CapacityLadder
 from tgn_jax.training import sharding
 from tgn_jax.training.config import TrainConfig
@@ -154,8 +155,24 @@ def routes(model_config: TGNConfig) -> bool:
   return model_config.has_gate and model_config.gate == "hard" and model_config.execution == "sparse"
 
 
+def reference_gate_fn(model_config: TGNConfig, reference: Optional[str],
+                      rates: Optional[Sequence[float]]) -> Callable:
+  """open_LBT(mask_BT, key) of a reference gate (None: the learned gate decides).
+
+  oracle: open exactly at the scored positions in the last layer. random: Bernoulli at
+  `rates` (one per layer, or one for all) at every token.
+  """
+  if reference is None:
+    return lambda mask, key: None
+  if reference == "oracle":
+    return lambda mask, key: gate_ops.oracle_gate(mask, model_config.n_layers)
+  per_layer = np.broadcast_to(np.asarray(rates, np.float32), (model_config.n_layers,))
+  return lambda mask, key: gate_ops.random_gate(jax.random.fold_in(key, 0x6a7e), per_layer,
+                                                mask.shape)
+
+
 def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optional[Mesh] = None,
-                    state_shardings: Any = None):
+                    state_shardings: Any = None, reference_gate: Callable = None):
   """Returns a jitted step(state, controls, inputs, targets, mask, capacity) -> (state, metrics).
 
   On a mesh: the state in and out with state_shardings (donated), the batch split over
@@ -165,7 +182,9 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optiona
   routing at it left tokens out (metrics["overflow"] = 1), the step changes nothing (the
   returned state is the input state): redo the batch at a larger capacity (the training
   loop's CapacityLadder does). metrics["capacity_needed"] is the capacity that fits.
+  reference_gate: from reference_gate_fn, a given gate in place of the learned one.
   """
+  reference_gate = reference_gate or reference_gate_fn(model_config, None, None)
   gated = model_config.has_gate
   routed = routes(model_config)
 
@@ -175,7 +194,7 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optiona
 
     def loss_fn(params):
       logits, aux = functional.apply(model_def, params, inputs, rng=key, stats=None,
-                                     capacity=capacity)
+                                     capacity=capacity, open_LBT=reference_gate(mask, key))
       ce, accuracy = masked_cross_entropy(logits, targets, mask)
       gate = jnp.mean(aux.gate_prob)
       loss = ce + lam * gate if gated else ce
@@ -235,7 +254,7 @@ def routed_step(step_fn, state: TrainState, controls: StepControls, batch, ladde
 
 
 def make_eval_step(model_def, model_config: TGNConfig, mesh: Optional[Mesh] = None,
-                   params_shardings: Any = None):
+                   params_shardings: Any = None, reference_gate: Callable = None):
   """Returns a jitted eval(params, inputs, targets, mask) -> dict of sums over the batch
   (on a mesh: the batch split over (data, fsdp), the sums replicated).
 
@@ -244,7 +263,10 @@ def make_eval_step(model_def, model_config: TGNConfig, mesh: Optional[Mesh] = No
   """
 
   def eval_fn(params, inputs, targets, mask):
-    logits, aux = functional.apply(model_def, params, inputs, stats="token", capacity=1.0)
+    open_LBT = (reference_gate or reference_gate_fn(model_config, None, None))(
+        mask, jax.random.key(0))
+    logits, aux = functional.apply(model_def, params, inputs, stats="token", capacity=1.0,
+                                   open_LBT=open_LBT)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     is_open = aux.is_open.astype(jnp.float32)  # [L, B, T]
