@@ -488,3 +488,34 @@ def test_module_call_goes_through_functional_with_one_split(monkeypatch):
   calls.update(split=0)
   jax.jit(lambda p: real_apply(model_def, p, tokens, capacity=1.0)[0]).lower(params)
   assert calls["split"] == 0  # the pure path traces without splitting the model
+
+
+def test_given_gate_replaces_the_learned_decision():
+  config = TGNConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                     gate_bias_init=0.3)
+  model_def, params = functional.init(config, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 16)
+  logits, aux = functional.apply(model_def, params, tokens, capacity=1.0)
+  # The learned decision, given back, reproduces the forward pass exactly.
+  same, _ = functional.apply(model_def, params, tokens, capacity=1.0, open_LBT=aux.is_open)
+  np.testing.assert_array_equal(logits, same)
+  closed = jnp.zeros_like(aux.is_open)
+  other, other_aux = functional.apply(model_def, params, tokens, capacity=1.0, open_LBT=closed)
+  assert aux.is_open.any() and not other_aux.is_open.any()
+  assert not np.allclose(logits, other)
+  with pytest.raises(ValueError, match="open_LBT must be bool"):
+    functional.apply(model_def, params, tokens, open_LBT=closed[0])
+
+
+def test_gate_reading_the_block_input_is_causal():
+  config = TGNConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                     gate_input="both")
+  model_def, params = functional.init(config, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (1, 8), 0, 16)
+  changed = tokens.at[0, 5].set((tokens[0, 5] + 1) % 16)
+  _, aux = functional.apply(model_def, params, tokens, capacity=1.0)
+  _, aux_changed = functional.apply(model_def, params, changed, capacity=1.0)
+  np.testing.assert_array_equal(aux.gate_prob[:, :, :5], aux_changed.gate_prob[:, :, :5])
+  assert not np.allclose(aux.gate_prob[:, :, 5], aux_changed.gate_prob[:, :, 5])
+  with pytest.raises(ValueError, match="gate_input"):
+    TGNConfig(vocab_size=16, gate_input="tokens")

@@ -413,3 +413,21 @@ def test_help_shows_true_defaults():
   assert "runs/latest" not in text and "default: runs/TASK-DATE-TIME" in text
   assert f"(default: {TGNConfig(vocab_size=2).gate_threshold})" in text
   assert "--model.gate_threshold" in text and "--d_model" in text
+
+
+def test_oracle_reference_gate_opens_only_at_queries_of_the_last_layer(tmp_path, capsys):
+  out = tmp_path / "oracle"
+  code, stdout, _ = run_main(TINY + ["--steps=4", "--eval_every=4", "--reference_gate=oracle",
+                                     "--target_rate=none", "--fillers=zero", f"--out={out}"],
+                             capsys)
+  assert code == 0
+  final = summary(out)["final"]
+  assert final["open_rate_scored"][:-1] == [0.0] and final["open_rate_scored"][-1] == 1.0
+  assert final["open_rate_unscored"] == [0.0, 0.0]
+  assert abs(np.mean(final["open_rate"]) - final["oracle_open_rate"]) < 1e-6
+  assert "oracle overall" in stdout
+
+
+def test_random_reference_gate_needs_a_rate_per_layer(capsys):
+  code, _, err = run_main(["--reference_gate=random", "--reference_rates=0.1,0.2,0.3"], capsys)
+  assert code == 2 and "--reference_rates must give a rate" in err

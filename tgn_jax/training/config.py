@@ -40,6 +40,8 @@ class TaskConfig:
   vocab_size: int = _field(64, "mqar vocabulary size (keys: first half, values: second)")
   num_kv: int = _field(4, "mqar key-value pairs per sequence")
   power_a: float = _field(0.01, "mqar power-law exponent of query spacing")
+  fillers: str = _field("random", "mqar tokens between the queries: random (any token) | zero "
+                        "(token 0, as in the Zoology paper's grid)", choices=("random", "zero"))
   eval_examples: int = _field(1000, "mqar held-out sequences")
   p: int = _field(113, "modadd modulus")
   train_fraction: float = _field(0.3, "modadd fraction of the p*p pairs used for training")
@@ -362,6 +364,8 @@ def validate(c: TrainConfig) -> None:
   def fail(path: str, message: str):
     raise ConfigError(f"{flag(path)} {message}")
 
+  if values["task.fillers"] not in ("random", "zero"):
+    fail("task.fillers", f"must be random or zero, got {values['task.fillers']!r}")
   if values["task.name"] not in TASKS:
     fail("task.name", f"must be one of {', '.join(TASKS)}; got {values['task.name']!r}")
   for path in ("run.steps", "task.batch_size", "task.seq_len", "task.vocab_size", "task.num_kv",

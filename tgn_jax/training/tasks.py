@@ -47,13 +47,14 @@ def make_task(config: TrainConfig, batch_multiple: int = 1) -> Task:
 
 
 def _mqar(c: TaskConfig, seed: int) -> Task:
-  kw = dict(seq_len=c.seq_len, num_kv=c.num_kv, vocab_size=c.vocab_size, power_a=c.power_a)
+  kw = dict(seq_len=c.seq_len, num_kv=c.num_kv, vocab_size=c.vocab_size, power_a=c.power_a,
+            fillers=c.fillers)
   held_out = mqar_eval_set(seed, c.eval_examples, **kw)
   return Task(
       name="mqar", vocab_size=c.vocab_size, seq_len=c.seq_len, batch_size=c.batch_size,
       train_batch=lambda step, rows=None: mqar_batch(seed, step, c.batch_size, **kw, rows=rows),
       eval_sets={"eval": _batches(held_out, c.batch_size)}, metric="accuracy",
-      description=f"MQAR V={c.vocab_size} T={c.seq_len} kv={c.num_kv}")
+      description=f"MQAR V={c.vocab_size} T={c.seq_len} kv={c.num_kv} fillers={c.fillers}")
 
 
 def _modadd(c: TaskConfig, seed: int, batch_multiple: int) -> Task:
