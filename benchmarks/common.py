@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -23,21 +22,23 @@ def environment() -> dict[str, Any]:
   """Device, library versions, date and the exact command, for every result file."""
   import flax
   import optax
+
   device = jax.devices()[0]
   return {
-      "device": getattr(device, "device_kind", str(device)),
-      "backend": jax.default_backend(),
-      "jax": jax.__version__,
-      "flax": flax.__version__,
-      "optax": optax.__version__,
-      "python": platform.python_version(),
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    "device": getattr(device, "device_kind", str(device)),
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "python": platform.python_version(),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
   }
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
-            min_seconds: float = 0.0) -> dict[str, float]:
+def time_fn(
+  fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20, min_seconds: float = 0.0
+) -> dict[str, float]:
   """Median wall time (ms) of fn() with its outputs blocked on, after warm-up calls.
 
   The first call (compilation) is timed separately as compile_ms.
@@ -53,8 +54,13 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
     start = time.perf_counter()
     jax.block_until_ready(fn())
     samples.append(1e3 * (time.perf_counter() - start))
-  return {"median_ms": statistics.median(samples), "min_ms": min(samples),
-          "max_ms": max(samples), "repeats": len(samples), "compile_ms": compile_ms}
+  return {
+    "median_ms": statistics.median(samples),
+    "min_ms": min(samples),
+    "max_ms": max(samples),
+    "repeats": len(samples),
+    "compile_ms": compile_ms,
+  }
 
 
 def peak_memory_gib() -> float | None:
@@ -73,17 +79,19 @@ def float_list(text: str) -> list[float]:
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--tiny", action="store_true",
-                      help="CPU-sized smoke run (used by the tests)")
-  parser.add_argument("--out", default=None,
-                      help="result JSON path (default benchmarks/results/<script>.json)")
+  parser = argparse.ArgumentParser(
+    description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
+  parser.add_argument("--tiny", action="store_true", help="CPU-sized smoke run (used by the tests)")
+  parser.add_argument(
+    "--out", default=None, help="result JSON path (default benchmarks/results/<script>.json)"
+  )
   return parser
 
 
 def write_results(name: str, results: dict[str, Any], out: str | None) -> Path:
   from tgn_jax.training.rundir import write_json
+
   path = Path(out) if out else RESULTS_DIR / f"{name}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   write_json(path, results)
@@ -114,9 +122,14 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   return "\n".join(lines)
 
 
-def add_ratio(rows: list[dict[str, Any]], column: str, value: str, keys: Sequence[str],
-              baseline: Callable[[dict[str, Any]], bool],
-              where: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
+def add_ratio(
+  rows: list[dict[str, Any]],
+  column: str,
+  value: str,
+  keys: Sequence[str],
+  baseline: Callable[[dict[str, Any]], bool],
+  where: Callable[[dict[str, Any]], bool] = lambda row: True,
+) -> None:
   """Sets row[column] = row[value] / the `baseline` row's value with the same `keys`, on
   the rows `where` selects that have the value and such a baseline row."""
   reference = {tuple(r[k] for k in keys): r[value] for r in rows if baseline(r) and r.get(value)}
@@ -136,6 +149,7 @@ def error_text(error: Exception) -> str:
 def figure(path: Path, figsize: tuple[float, float] = (6, 4), dpi: int = 120):
   """A matplotlib Figure, laid out and saved as `path` when the block ends."""
   from matplotlib.figure import Figure
+
   fig = Figure(figsize=figsize)
   yield fig
   fig.tight_layout()
@@ -171,6 +185,7 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   from tgn_jax.training import rundir
   from tgn_jax.training.config import ConfigError, resolve
   from tgn_jax.training.loop import prepare, train
+
   run = rundir.RunDir(out)
   quiet = {"run.out": str(out), "run.progress": False, "run.plots": False}
   if run.config.exists():
@@ -181,14 +196,16 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
     if run.finished():
       return run.read_summary()
   resume = run.config.exists() and bool(rundir.checkpoint_steps(run.checkpoints))
-  config = resolve({**options, **quiet, "run.resume": resume},
-                   base=run.stored_config() if resume else None)
+  config = resolve(
+    {**options, **quiet, "run.resume": resume}, base=run.stored_config() if resume else None
+  )
   return train(config, *prepare(config))
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
   """The train or eval records of a run's metrics.jsonl."""
   from tgn_jax.training.rundir import RunDir
+
   return RunDir(run_dir).records(kind)
 
 
@@ -199,9 +216,13 @@ def save_partial(name: str, args, rows: list[dict[str, Any]]) -> None:
   write_results(name + ("_tiny" if args.tiny else ""), results, args.out)
 
 
-def finish(name: str, args, results: dict[str, Any],
-           plot: Callable[[Path], None] | None = None,
-           config: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(
+  name: str,
+  args,
+  results: dict[str, Any],
+  plot: Callable[[Path], None] | None = None,
+  config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """Adds the environment and the config (default: the script's options) to `results`,
   writes the JSON (and the plot beside it, given a function of the PNG path) and returns
   the results."""

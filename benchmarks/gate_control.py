@@ -23,8 +23,9 @@ def gate_bias(params):
   return params["blocks"]["gate_head"]["out"]["bias"]
 
 
-def calibrate_open_rate(model_def, params, tokens_BT: jax.Array, target: float,
-                        threshold: float) -> tuple[object, jax.Array]:
+def calibrate_open_rate(
+  model_def, params, tokens_BT: jax.Array, target: float, threshold: float
+) -> tuple[object, jax.Array]:
   """Params (a copy) whose hard gate opens a `target` fraction of the tokens of every layer.
 
   tokens_BT: int [B, T], the calibration batch. threshold: the config's gate_threshold.

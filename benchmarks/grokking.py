@@ -20,10 +20,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
-COLUMNS = ["seed", "peak_step", "peak_over_median", "memorised_step", "grok_step", "lead",
-           "peak_heat", "final_test_accuracy", "final_train_accuracy"]
+COLUMNS = [
+  "seed",
+  "peak_step",
+  "peak_over_median",
+  "memorised_step",
+  "grok_step",
+  "lead",
+  "peak_heat",
+  "final_test_accuracy",
+  "final_train_accuracy",
+]
 
 
 def analyse(evals: list[dict], threshold: float) -> dict:
@@ -40,11 +49,16 @@ def analyse(evals: list[dict], threshold: float) -> dict:
     return int(steps[index[0]]) if index.size else None
 
   grok = first(test >= threshold)
-  return dict(peak_step=peak, peak_heat=float(np.nanmax(heat)),
-              peak_over_median=float(np.nanmax(heat) / np.nanmedian(heat)),
-              memorised_step=first(train >= threshold), grok_step=grok,
-              lead=None if grok is None else grok - peak,
-              final_test_accuracy=float(test[-1]), final_train_accuracy=float(train[-1]))
+  return dict(
+    peak_step=peak,
+    peak_heat=float(np.nanmax(heat)),
+    peak_over_median=float(np.nanmax(heat) / np.nanmedian(heat)),
+    memorised_step=first(train >= threshold),
+    grok_step=grok,
+    lead=None if grok is None else grok - peak,
+    final_test_accuracy=float(test[-1]),
+    final_train_accuracy=float(train[-1]),
+  )
 
 
 def main(argv=None):
@@ -61,34 +75,48 @@ def main(argv=None):
   if args.tiny:
     args.p, args.seeds, args.steps, args.eval_every = 13, [0], 40, 10
     extra = dict(d_model=32, d_mlp=64)
-  runs_dir = Path(args.runs_dir or common.RESULTS_DIR / ("grokking_runs" + ("_tiny" if args.tiny else "")))
+  runs_dir = Path(
+    args.runs_dir or common.RESULTS_DIR / ("grokking_runs" + ("_tiny" if args.tiny else ""))
+  )
 
   rows, curves = [], {}
   for seed in args.seeds:
-    options = dict(task="modadd", p=args.p, seed=seed, steps=args.steps, mixer=args.mixer,
-                   eval_every=args.eval_every, checkpoint_every=max(args.eval_every, args.steps // 4),
-                   **extra)
+    options = dict(
+      task="modadd",
+      p=args.p,
+      seed=seed,
+      steps=args.steps,
+      mixer=args.mixer,
+      eval_every=args.eval_every,
+      checkpoint_every=max(args.eval_every, args.steps // 4),
+      **extra,
+    )
     name = f"{args.mixer}_p{args.p}_seed{seed}"
     summary = common.train_run(options, runs_dir / name)
     evals = common.read_records(runs_dir / name, "eval")
-    rows.append(dict(seed=seed, **analyse(evals, args.threshold), run=name,
-                     seconds=summary["wall_seconds"]))
+    rows.append(
+      dict(seed=seed, **analyse(evals, args.threshold), run=name, seconds=summary["wall_seconds"])
+    )
     curves[seed] = evals
     print(rows[-1], flush=True)
 
   leads = [r["lead"] for r in rows if r["lead"] is not None]
-  at_memorisation = sum(r["memorised_step"] is not None and r["peak_step"] <= r["memorised_step"]
-                        for r in rows)
+  at_memorisation = sum(
+    r["memorised_step"] is not None and r["peak_step"] <= r["memorised_step"] for r in rows
+  )
   prominence = [r["peak_over_median"] for r in rows]
-  verdict = (f"C peaks before test accuracy reaches {args.threshold} in "
-             f"{sum(lead > 0 for lead in leads)} of {len(rows)} seeds"
-             + (f" (median lead {np.median(leads):.0f} steps)" if leads else "; no seed grokked")
-             + f"; the peak is at or before memorisation in {at_memorisation} of {len(rows)}"
-             + f"; peak / median C: {min(prominence):.2f} to {max(prominence):.2f}")
+  verdict = (
+    f"C peaks before test accuracy reaches {args.threshold} in "
+    f"{sum(lead > 0 for lead in leads)} of {len(rows)} seeds"
+    + (f" (median lead {np.median(leads):.0f} steps)" if leads else "; no seed grokked")
+    + f"; the peak is at or before memorisation in {at_memorisation} of {len(rows)}"
+    + f"; peak / median C: {min(prominence):.2f} to {max(prominence):.2f}"
+  )
   common.print_table(rows, COLUMNS)
   print(verdict)
-  return common.finish("grokking", args, {"rows": rows, "verdict": verdict},
-                       lambda png: plot(curves, rows, png))
+  return common.finish(
+    "grokking", args, {"rows": rows, "verdict": verdict}, lambda png: plot(curves, rows, png)
+  )
 
 
 def plot(curves, rows, path):
@@ -100,19 +128,25 @@ def _draw(axes, curves, rows):
   for ax, row in zip(axes, rows):
     evals = curves[row["seed"]]
     steps = [e["step"] for e in evals]
-    ax.plot(steps, [np.nanmean(np.asarray(e["specific_heat"], float)) for e in evals],
-            color="tab:red", label="specific heat C")
+    ax.plot(
+      steps,
+      [np.nanmean(np.asarray(e["specific_heat"], float)) for e in evals],
+      color="tab:red",
+      label="specific heat C",
+    )
     ax.set_ylabel("C", color="tab:red")
     twin = ax.twinx()
     twin.plot(steps, [e["eval_accuracy"] for e in evals], color="tab:blue", label="test acc")
-    twin.plot(steps, [e["train_accuracy"] for e in evals], color="tab:blue", ls=":",
-              label="train acc")
+    twin.plot(
+      steps, [e["train_accuracy"] for e in evals], color="tab:blue", ls=":", label="train acc"
+    )
     twin.set(ylim=(0, 1.02), ylabel="accuracy")
     ax.axvline(row["peak_step"], color="tab:red", ls="--", lw=0.8)
     if row["grok_step"] is not None:
       ax.axvline(row["grok_step"], color="tab:blue", ls="--", lw=0.8)
-    ax.set_title(f"seed {row['seed']}: C peak {row['peak_step']}, grok {row['grok_step']}",
-                 fontsize=9)
+    ax.set_title(
+      f"seed {row['seed']}: C peak {row['peak_step']}, grok {row['grok_step']}", fontsize=9
+    )
     twin.legend(fontsize=7, loc="center right")
   axes[-1].set_xlabel("step")
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, models  # noqa: E402
+from benchmarks import common, models
 
 COLUMNS = ["model", "bpb", "open_rate", "params", "tokens_per_sec", "seconds", "seconds_to_reach"]
 
@@ -36,28 +36,49 @@ def main(argv=None):
   parser.add_argument("--d_model", type=int, default=128)
   parser.add_argument("--n_layers", type=int, default=2)
   parser.add_argument("--target_rate", type=float, default=0.1, help="TGN thermostat target")
-  parser.add_argument("--reach_bpb", type=float, default=None,
-                      help="bits/byte for the time-to-reach column (default: the worst "
-                           "final bpb among the attention models)")
+  parser.add_argument(
+    "--reach_bpb",
+    type=float,
+    default=None,
+    help="bits/byte for the time-to-reach column (default: the worst "
+    "final bpb among the attention models)",
+  )
   parser.add_argument("--runs_dir", default=None)
   args = parser.parse_args(argv)
   if args.tiny:
     args.steps, args.seq_len, args.batch_size, args.d_model = 20, 32, 4, 32
-  runs_dir = Path(args.runs_dir or common.RESULTS_DIR / ("lm_runs" + ("_tiny" if args.tiny else "")))
+  runs_dir = Path(
+    args.runs_dir or common.RESULTS_DIR / ("lm_runs" + ("_tiny" if args.tiny else ""))
+  )
 
   rows, evals = [], {}
   for model in args.models:
-    options = dict(task="text", data=args.data, steps=args.steps, seq_len=args.seq_len,
-                   batch_size=args.batch_size, d_model=args.d_model, n_layers=args.n_layers,
-                   target_rate=args.target_rate, eval_every=max(1, args.steps // 10),
-                   eval_batches=2 if args.tiny else 16, checkpoint_every=max(1, args.steps // 4))
+    options = dict(
+      task="text",
+      data=args.data,
+      steps=args.steps,
+      seq_len=args.seq_len,
+      batch_size=args.batch_size,
+      d_model=args.d_model,
+      n_layers=args.n_layers,
+      target_rate=args.target_rate,
+      eval_every=max(1, args.steps // 10),
+      eval_batches=2 if args.tiny else 16,
+      checkpoint_every=max(1, args.steps // 4),
+    )
     options.update(models.train_options(model))
     summary = common.train_run(options, runs_dir / model)
     evals[model] = common.read_records(runs_dir / model, "eval")
-    rows.append(dict(model=model, bpb=summary["final"]["eval_bpb"],
-                     open_rate=summary["final"].get("eval_gate_hard"),
-                     params=summary["params"], seconds=summary["wall_seconds"],
-                     tokens_per_sec=summary["tokens_per_sec"]))
+    rows.append(
+      dict(
+        model=model,
+        bpb=summary["final"]["eval_bpb"],
+        open_rate=summary["final"].get("eval_gate_hard"),
+        params=summary["params"],
+        seconds=summary["wall_seconds"],
+        tokens_per_sec=summary["tokens_per_sec"],
+      )
+    )
     print(rows[-1], flush=True)
   reach = args.reach_bpb
   if reach is None:
@@ -67,18 +88,25 @@ def main(argv=None):
     r["seconds_to_reach"] = time_to_reach(evals[r["model"]], reach)
   common.print_table(rows, COLUMNS)
   print(f"time to reach {reach:.4f} bits/byte in the last column")
-  return common.finish("lm", args, {"rows": rows, "reach_bpb": reach},
-                       lambda png: plot(evals, reach, png))
+  return common.finish(
+    "lm", args, {"rows": rows, "reach_bpb": reach}, lambda png: plot(evals, reach, png)
+  )
 
 
 def plot(evals, reach, path):
-  lines = {model: [(e["elapsed"], e["eval_bpb"]) for e in records]
-           for model, records in evals.items()}
+  lines = {
+    model: [(e["elapsed"], e["eval_bpb"]) for e in records] for model, records in evals.items()
+  }
   with common.figure(path) as fig:
     ax = fig.add_subplot()
     ax.axhline(reach, color="gray", lw=0.8, ls="--")
-    common.plot_lines(ax, lines, xlabel="wall-clock seconds", ylabel="validation bits per byte",
-                      title="Byte-level LM, equal width/depth/steps")
+    common.plot_lines(
+      ax,
+      lines,
+      xlabel="wall-clock seconds",
+      ylabel="validation bits per byte",
+      title="Byte-level LM, equal width/depth/steps",
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The benchmarked models, each name defined once.
 
-  tgn              TGN, hard gate, its open rate set in training by the thermostat
-  tgn-hard-0.10    TGN, minGRU, hard gate with its open rate held at 0.10 (gate_control)
-  tgn-hard-0.25    the same at 0.25
-  tgn-kvopen-0.10  tgn-hard-0.10 with kv="open" (closed tokens write no key/value)
-  tgn-soft-gru     TGN, GRU, soft gate (reference-style: attention everywhere; see README)
-  transformer      attention only
-  recurrent        minGRU only
-  plain-gpt        the Transformer's shape in pure jax + optax (benchmarks/plain_gpt.py)
+tgn              TGN, hard gate, its open rate set in training by the thermostat
+tgn-hard-0.10    TGN, minGRU, hard gate with its open rate held at 0.10 (gate_control)
+tgn-hard-0.25    the same at 0.25
+tgn-kvopen-0.10  tgn-hard-0.10 with kv="open" (closed tokens write no key/value)
+tgn-soft-gru     TGN, GRU, soft gate (reference-style: attention everywhere; see README)
+transformer      attention only
+recurrent        minGRU only
+plain-gpt        the Transformer's shape in pure jax + optax (benchmarks/plain_gpt.py)
 """
 
 from __future__ import annotations
@@ -31,19 +31,27 @@ class Model:
 
 PLAIN_GPT = "plain-gpt"
 MODELS: dict[str, Model] = {
-    "tgn": Model(dict(mixer="tgn", gate="hard"), thermostat=True),
-    "tgn-hard-0.10": Model(dict(mixer="tgn", recurrence="mingru", gate="hard"), open_rate=0.10),
-    "tgn-hard-0.25": Model(dict(mixer="tgn", recurrence="mingru", gate="hard"), open_rate=0.25),
-    "tgn-kvopen-0.10": Model(dict(mixer="tgn", recurrence="mingru", gate="hard", kv="open"),
-                             open_rate=0.10),
-    "tgn-soft-gru": Model(dict(mixer="tgn", recurrence="gru", gate="soft")),
-    "transformer": Model(dict(mixer="attention")),
-    "recurrent": Model(dict(mixer="recurrent", recurrence="mingru")),
-    PLAIN_GPT: Model(None),
+  "tgn": Model(dict(mixer="tgn", gate="hard"), thermostat=True),
+  "tgn-hard-0.10": Model(dict(mixer="tgn", recurrence="mingru", gate="hard"), open_rate=0.10),
+  "tgn-hard-0.25": Model(dict(mixer="tgn", recurrence="mingru", gate="hard"), open_rate=0.25),
+  "tgn-kvopen-0.10": Model(
+    dict(mixer="tgn", recurrence="mingru", gate="hard", kv="open"), open_rate=0.10
+  ),
+  "tgn-soft-gru": Model(dict(mixer="tgn", recurrence="gru", gate="soft")),
+  "transformer": Model(dict(mixer="attention")),
+  "recurrent": Model(dict(mixer="recurrent", recurrence="mingru")),
+  PLAIN_GPT: Model(None),
 }
 # What the speed benchmarks time (open rates held) and the quality benchmarks train.
-TIMED = ("tgn-hard-0.10", "tgn-hard-0.25", "tgn-kvopen-0.10", "tgn-soft-gru", "transformer",
-         "recurrent", PLAIN_GPT)
+TIMED = (
+  "tgn-hard-0.10",
+  "tgn-hard-0.25",
+  "tgn-kvopen-0.10",
+  "tgn-soft-gru",
+  "transformer",
+  "recurrent",
+  PLAIN_GPT,
+)
 TRAINED = ("tgn", "transformer", "recurrent")
 
 
@@ -76,11 +84,16 @@ def add_option(parser: argparse.ArgumentParser, choices: Sequence[str]) -> None:
     unknown = [n for n in names if n not in choices]
     if unknown:
       raise argparse.ArgumentTypeError(
-          f"unknown model {unknown[0]!r}; choose from {', '.join(choices)}")
+        f"unknown model {unknown[0]!r}; choose from {', '.join(choices)}"
+      )
     return names
 
-  parser.add_argument("--models", type=subset, default=list(choices),
-                      help=f"comma-separated subset of {', '.join(choices)}")
+  parser.add_argument(
+    "--models",
+    type=subset,
+    default=list(choices),
+    help=f"comma-separated subset of {', '.join(choices)}",
+  )
 
 
 # The size options' values for a --tiny run (CPU).
@@ -95,6 +108,9 @@ def add_size_options(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--heads", type=int, default=12)
   parser.add_argument("--vocab", type=int, default=50304)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "pallas"],
-                      help="attention implementation of the library's models (default: "
-                           "TGNConfig's, cuDNN on GPU)")
+  parser.add_argument(
+    "--attention_impl",
+    default=None,
+    choices=["xla", "cudnn", "pallas"],
+    help="attention implementation of the library's models (default: TGNConfig's, cuDNN on GPU)",
+  )

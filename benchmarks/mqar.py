@@ -18,10 +18,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, models  # noqa: E402
+from benchmarks import common, models
 
-COLUMNS = ["model", "seq_len", "num_kv", "d_model", "lr", "accuracy", "open_rate",
-           "open_at_queries", "open_elsewhere", "steps"]
+COLUMNS = [
+  "model",
+  "seq_len",
+  "num_kv",
+  "d_model",
+  "lr",
+  "accuracy",
+  "open_rate",
+  "open_at_queries",
+  "open_elsewhere",
+  "steps",
+]
 
 
 def grid_list(text: str) -> list[tuple[int, int]]:
@@ -30,8 +40,12 @@ def grid_list(text: str) -> list[tuple[int, int]]:
 
 def main(argv=None):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--grid", type=grid_list, default=grid_list("64:4,128:8,256:16,512:64"),
-                      help="seq_len:num_kv pairs")
+  parser.add_argument(
+    "--grid",
+    type=grid_list,
+    default=grid_list("64:4,128:8,256:16,512:64"),
+    help="seq_len:num_kv pairs",
+  )
   parser.add_argument("--vocab_size", type=int, default=8192)
   parser.add_argument("--d_models", type=common.int_list, default=[64, 128])
   parser.add_argument("--lrs", type=common.float_list, default=[1e-3, 3e-3])
@@ -45,7 +59,9 @@ def main(argv=None):
   if args.tiny:
     args.grid, args.vocab_size, args.d_models, args.lrs = [(32, 4)], 64, [32], [3e-3]
     args.steps, args.batch_size, args.eval_examples = 30, 16, 32
-  runs_dir = Path(args.runs_dir or common.RESULTS_DIR / ("mqar_runs" + ("_tiny" if args.tiny else "")))
+  runs_dir = Path(
+    args.runs_dir or common.RESULTS_DIR / ("mqar_runs" + ("_tiny" if args.tiny else ""))
+  )
 
   rows = []
   for seq_len, num_kv in args.grid:
@@ -53,11 +69,22 @@ def main(argv=None):
       for model in args.models:
         best = None
         for lr in args.lrs:
-          options = dict(task="mqar", seq_len=seq_len, num_kv=num_kv, vocab_size=args.vocab_size,
-                         d_model=d_model, n_layers=2, n_heads=max(1, d_model // 64) * 2,
-                         steps=args.steps, batch_size=args.batch_size, lr=lr,
-                         eval_examples=args.eval_examples, eval_every=max(1, args.steps // 8),
-                         checkpoint_every=max(1, args.steps // 4), target_rate=args.target_rate)
+          options = dict(
+            task="mqar",
+            seq_len=seq_len,
+            num_kv=num_kv,
+            vocab_size=args.vocab_size,
+            d_model=d_model,
+            n_layers=2,
+            n_heads=max(1, d_model // 64) * 2,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=lr,
+            eval_examples=args.eval_examples,
+            eval_every=max(1, args.steps // 8),
+            checkpoint_every=max(1, args.steps // 4),
+            target_rate=args.target_rate,
+          )
           options.update(models.train_options(model))
           name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
           if models.MODELS[model].thermostat:
@@ -66,12 +93,22 @@ def main(argv=None):
             name += f"_target{args.target_rate:g}"
           summary = common.train_run(options, runs_dir / name)
           final = summary["final"]
-          row = dict(model=model, seq_len=seq_len, num_kv=num_kv, d_model=d_model, lr=lr,
-                     accuracy=final.get("eval_accuracy"), open_rate=final.get("eval_gate_hard"),
-                     open_at_queries=_mean(final.get("open_rate_scored")),
-                     open_elsewhere=_mean(final.get("open_rate_unscored")),
-                     open_per_layer=final.get("open_rate"), lam=summary["lam"],
-                     steps=summary["steps_completed"], seconds=summary["wall_seconds"], run=name)
+          row = dict(
+            model=model,
+            seq_len=seq_len,
+            num_kv=num_kv,
+            d_model=d_model,
+            lr=lr,
+            accuracy=final.get("eval_accuracy"),
+            open_rate=final.get("eval_gate_hard"),
+            open_at_queries=_mean(final.get("open_rate_scored")),
+            open_elsewhere=_mean(final.get("open_rate_unscored")),
+            open_per_layer=final.get("open_rate"),
+            lam=summary["lam"],
+            steps=summary["steps_completed"],
+            seconds=summary["wall_seconds"],
+            run=name,
+          )
           print(f"{name}: accuracy {row['accuracy']:.4f} open {row['open_rate']:.3f}", flush=True)
           if best is None or row["accuracy"] > best["accuracy"]:
             best = row
@@ -86,21 +123,40 @@ def _mean(values):
 
 
 def plot(rows, path):
-  groups = [(model, d_model) for model in sorted({r["model"] for r in rows})
-            for d_model in sorted({r["d_model"] for r in rows})]
+  groups = [
+    (model, d_model)
+    for model in sorted({r["model"] for r in rows})
+    for d_model in sorted({r["d_model"] for r in rows})
+  ]
 
   def lines(key, keep=lambda model: True):
-    return {f"{model} d={d_model}": [(r["seq_len"], r[key]) for r in rows
-                                     if r["model"] == model and r["d_model"] == d_model]
-            for model, d_model in groups if keep(model)}
+    return {
+      f"{model} d={d_model}": [
+        (r["seq_len"], r[key]) for r in rows if r["model"] == model and r["d_model"] == d_model
+      ]
+      for model, d_model in groups
+      if keep(model)
+    }
 
   with common.figure(path, figsize=(9, 3.6)) as fig:
     ax_acc, ax_gate = fig.subplots(1, 2)
-    common.plot_lines(ax_acc, lines("accuracy"), xscale="log", xlabel="sequence length",
-                      ylabel="held-out accuracy", ylim=(0, 1.02), title="MQAR accuracy (best LR)")
-    common.plot_lines(ax_gate, lines("open_rate", lambda model: models.MODELS[model].thermostat),
-                      xscale="log", xlabel="sequence length", ylabel="hard open rate",
-                      title="TGN open-gate rate")
+    common.plot_lines(
+      ax_acc,
+      lines("accuracy"),
+      xscale="log",
+      xlabel="sequence length",
+      ylabel="held-out accuracy",
+      ylim=(0, 1.02),
+      title="MQAR accuracy (best LR)",
+    )
+    common.plot_lines(
+      ax_gate,
+      lines("open_rate", lambda model: models.MODELS[model].thermostat),
+      xscale="log",
+      xlabel="sequence length",
+      ylabel="hard open rate",
+      title="TGN open-gate rate",
+    )
 
 
 if __name__ == "__main__":

@@ -25,16 +25,16 @@ def init(key, *, vocab: int, d_model: int, n_layers: int, n_heads: int, d_mlp: i
     return jax.random.normal(k, (n_layers, d_in, d_out), jnp.float32) / math.sqrt(d_in)
 
   return {
-      "embed": jax.random.normal(k_embed, (vocab, d_model), jnp.float32) / math.sqrt(d_model),
-      "final_norm": jnp.ones((d_model,), jnp.float32),
-      "blocks": {
-          "norm_attn": jnp.ones((n_layers, d_model), jnp.float32),
-          "qkv": dense(k_qkv, d_model, 3 * d_model),
-          "out": dense(k_out, d_model, d_model),
-          "norm_mlp": jnp.ones((n_layers, d_model), jnp.float32),
-          "up": dense(k_up, d_model, d_mlp),
-          "down": dense(k_down, d_mlp, d_model),
-      },
+    "embed": jax.random.normal(k_embed, (vocab, d_model), jnp.float32) / math.sqrt(d_model),
+    "final_norm": jnp.ones((d_model,), jnp.float32),
+    "blocks": {
+      "norm_attn": jnp.ones((n_layers, d_model), jnp.float32),
+      "qkv": dense(k_qkv, d_model, 3 * d_model),
+      "out": dense(k_out, d_model, d_model),
+      "norm_mlp": jnp.ones((n_layers, d_model), jnp.float32),
+      "up": dense(k_up, d_model, d_mlp),
+      "down": dense(k_down, d_mlp, d_model),
+    },
   }
 
 
@@ -53,8 +53,9 @@ def _rope(x_BTNH):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
 
 
-def loss_fn(params, inputs_BT, targets_BT, *, n_heads: int, dtype=jnp.bfloat16,
-            remat: bool = False):
+def loss_fn(
+  params, inputs_BT, targets_BT, *, n_heads: int, dtype=jnp.bfloat16, remat: bool = False
+):
   """Mean next-token cross-entropy (nats); remat recomputes each layer in the backward."""
   batch, seq_len = inputs_BT.shape
   d_model = params["embed"].shape[1]
@@ -79,20 +80,24 @@ def loss_fn(params, inputs_BT, targets_BT, *, n_heads: int, dtype=jnp.bfloat16,
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets_BT))
 
 
-def make_optimizer(lr: float, *, clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.99,
-                   weight_decay: float = 0.1) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(clip_norm),
-                     optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+def make_optimizer(
+  lr: float, *, clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.99, weight_decay: float = 0.1
+) -> optax.GradientTransformation:
+  return optax.chain(
+    optax.clip_by_global_norm(clip_norm), optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+  )
 
 
-def make_step(optimizer: optax.GradientTransformation, *, n_heads: int, dtype=jnp.bfloat16,
-              remat: bool = False):
+def make_step(
+  optimizer: optax.GradientTransformation, *, n_heads: int, dtype=jnp.bfloat16, remat: bool = False
+):
   """A jitted step(params, opt_state, inputs, targets) -> (params, opt_state, loss),
   donating params and optimizer state on accelerators."""
 
   def step(params, opt_state, inputs_BT, targets_BT):
-    loss, grads = jax.value_and_grad(loss_fn)(params, inputs_BT, targets_BT, n_heads=n_heads,
-                                              dtype=dtype, remat=remat)
+    loss, grads = jax.value_and_grad(loss_fn)(
+      params, inputs_BT, targets_BT, n_heads=n_heads, dtype=dtype, remat=remat
+    )
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 

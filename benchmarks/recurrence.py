@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
-from tgn_jax.ops import recurrence as rec  # noqa: E402
+from benchmarks import common
+from tgn_jax.ops import recurrence as rec
 
 COLUMNS = ["recurrence", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_reference", "mtok_per_s_fwd"]
 REFERENCE = "diagonal associative_scan (reference)"
@@ -25,8 +25,10 @@ REFERENCE = "diagonal associative_scan (reference)"
 
 def diagonal_scan(a, b):
   """The reference: h_t = a_t h_{t-1} + b_t with jax.lax.associative_scan, nothing else."""
+
   def combine(left, right):
     return left[0] * right[0], right[0] * left[1] + right[1]
+
   return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
 
 
@@ -47,25 +49,35 @@ def main(argv=None):
   a = jax.nn.sigmoid(x1)
 
   cases = {
-      REFERENCE: (lambda a, b: diagonal_scan(a, b), (a, x2)),
-      "minGRU parallel (tgn_jax default)": (lambda g, c: rec.min_gru(g, c), (x1, x2)),
-      "minGRU sequential (lax.scan)": (lambda g, c: rec.min_gru(g, c, parallel=False), (x1, x2)),
-      "GRU lax.scan": (lambda xp, w: rec.gru(xp, w, jnp.zeros(3 * d)), (x3, w_hh)),
+    REFERENCE: (lambda a, b: diagonal_scan(a, b), (a, x2)),
+    "minGRU parallel (tgn_jax default)": (lambda g, c: rec.min_gru(g, c), (x1, x2)),
+    "minGRU sequential (lax.scan)": (lambda g, c: rec.min_gru(g, c, parallel=False), (x1, x2)),
+    "GRU lax.scan": (lambda xp, w: rec.gru(xp, w, jnp.zeros(3 * d)), (x3, w_hh)),
   }
   rows = []
   for name, (fn, inputs) in cases.items():
     fwd = jax.jit(fn)
-    fwd_bwd = jax.jit(jax.grad(lambda *xs: jnp.sum(fn(*xs) ** 2), argnums=tuple(range(len(inputs)))))
+    fwd_bwd = jax.jit(
+      jax.grad(lambda *xs: jnp.sum(fn(*xs) ** 2), argnums=tuple(range(len(inputs))))
+    )
     f = common.time_fn(lambda: fwd(*inputs), repeats=args.repeats)
     fb = common.time_fn(lambda: fwd_bwd(*inputs), repeats=args.repeats)
-    rows.append(dict(recurrence=name, fwd_ms=f["median_ms"], fwd_bwd_ms=fb["median_ms"],
-                     mtok_per_s_fwd=b * t / f["median_ms"] / 1e3))
+    rows.append(
+      dict(
+        recurrence=name,
+        fwd_ms=f["median_ms"],
+        fwd_bwd_ms=fb["median_ms"],
+        mtok_per_s_fwd=b * t / f["median_ms"] / 1e3,
+      )
+    )
     print(rows[-1], flush=True)
-  common.add_ratio(rows, "fwd_bwd_vs_reference", "fwd_bwd_ms", (),
-                   lambda r: r["recurrence"] == REFERENCE)
+  common.add_ratio(
+    rows, "fwd_bwd_vs_reference", "fwd_bwd_ms", (), lambda r: r["recurrence"] == REFERENCE
+  )
   common.print_table(rows, COLUMNS)
-  return common.finish("recurrence", args, {"rows": rows},
-                       config={"B": b, "T": t, "D": d, "dtype": "float32"})
+  return common.finish(
+    "recurrence", args, {"rows": rows}, config={"B": b, "T": t, "D": d, "dtype": "float32"}
+  )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,17 @@
 import numpy as np
 
 
-def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=True,
-                           kv_positions=None, q_lengths=None, kv_lengths=None):
+def attention_reference_np(
+  q,
+  k,
+  v,
+  temperature,
+  q_positions=None,
+  is_causal=True,
+  kv_positions=None,
+  q_lengths=None,
+  kv_lengths=None,
+):
   """Float64 NumPy reference: (out [B,Tq,N,H], dict of observables [B,Tq,N]). For tests.
 
   Key j is visible to query i iff kv_positions[j] <= q_positions[i] (causal), both within
@@ -18,10 +27,13 @@ def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=Tru
   temp = np.broadcast_to(np.asarray(temperature, np.float64), (n_heads,))
   energy = -np.einsum("bqnh,bsnh->bnqs", q, k)
   logits = -energy / temp[None, :, None, None]
-  kv_pos = (np.arange(k_len)[None] + np.zeros((batch, 1), int) if kv_positions is None
-            else np.asarray(kv_positions))
+  kv_pos = (
+    np.arange(k_len)[None] + np.zeros((batch, 1), int)
+    if kv_positions is None
+    else np.asarray(kv_positions)
+  )
   if q_positions is None:
-    q_positions = kv_pos[:, k_len - q_len:]
+    q_positions = kv_pos[:, k_len - q_len :]
   visible = np.ones((batch, q_len, k_len), bool)
   if is_causal:
     visible = kv_pos[:, None, :] <= np.asarray(q_positions)[:, :, None]
@@ -44,8 +56,13 @@ def attention_reference_np(q, k, v, temperature, q_positions=None, is_causal=Tru
   var = (p * (e0 - u[..., None]) ** 2).sum(-1)
   t = temp[None, :, None]
   out = np.einsum("bnqs,bsnh->bqnh", p, v)
-  stats = dict(log_partition=log_z, free_energy=-t * log_z, internal_energy=u, entropy=s,
-               specific_heat=var / t**2)
+  stats = dict(
+    log_partition=log_z,
+    free_energy=-t * log_z,
+    internal_energy=u,
+    entropy=s,
+    specific_heat=var / t**2,
+  )
   stats = {name: np.where(seen[..., 0], x, np.nan) for name, x in stats.items()}
   return out, {name: np.moveaxis(x, 1, 2) for name, x in stats.items()}
 

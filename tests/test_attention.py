@@ -7,17 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from reference import attention_reference_np
 
 from tgn_jax.ops import flash
 from tgn_jax.ops.attention import attention_stats, gibbs_attention
 from tgn_jax.ops.rope import apply_rope
-from reference import attention_reference_np
 
 FIELDS = ("log_partition", "free_energy", "internal_energy", "entropy", "specific_heat")
 
 
-def qkv(seed, batch=2, q_len=12, k_len=12, heads=4, kv_heads=4, head_dim=8, scale=1.0,
-        dtype=jnp.float32):
+def qkv(
+  seed, batch=2, q_len=12, k_len=12, heads=4, kv_heads=4, head_dim=8, scale=1.0, dtype=jnp.float32
+):
   kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
   q = scale * jax.random.normal(kq, (batch, q_len, heads, head_dim))
   k = jax.random.normal(kk, (batch, k_len, kv_heads, head_dim))
@@ -42,18 +43,21 @@ class JitAndEagerTest(chex.TestCase):
     0..Tk - Tq + i), unlike jax.nn.dot_product_attention(is_causal=True), which aligns them
     top-left (query i sees keys 0..i) and equals q_positions = arange(Tq)."""
     q, k, v = qkv(17, q_len=3, k_len=10, kv_heads=2)
-    attend = self.variant(lambda q, k, v, positions=None: gibbs_attention(
-        q, k, v, q_positions=positions))
+    attend = self.variant(
+      lambda q, k, v, positions=None: gibbs_attention(q, k, v, q_positions=positions)
+    )
     out = attend(q, k, v)
     np.testing.assert_array_equal(out, attend(q, k, v, jnp.broadcast_to(jnp.arange(7, 10), (2, 3))))
     top_left = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    np.testing.assert_allclose(attend(q, k, v, jnp.broadcast_to(jnp.arange(3), (2, 3))), top_left,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      attend(q, k, v, jnp.broadcast_to(jnp.arange(3), (2, 3))), top_left, rtol=1e-5, atol=1e-6
+    )
     # Every query differs from top-left: it sees 7 more keys.
     assert float(jnp.min(jnp.max(jnp.abs(out - top_left), axis=(2, 3)))) > 0.1
     # Bottom-right, the last query sees every key, as without the causal mask.
-    np.testing.assert_allclose(out[:, -1], gibbs_attention(q, k, v, is_causal=False)[:, -1],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      out[:, -1], gibbs_attention(q, k, v, is_causal=False)[:, -1], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("temperature", [None, 0.7, "per_head"])
@@ -78,10 +82,12 @@ def test_streamed_blocks_equal_single_block():
   blocked = attention_stats(q, k, key_chunk=8, query_chunk=5)
   _, ref = attention_reference_np(q, k, k, np.sqrt(8.0))
   for name in FIELDS:
-    np.testing.assert_allclose(getattr(blocked, name), getattr(whole, name), rtol=1e-5,
-                               atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(getattr(blocked, name), ref[name], rtol=1e-4, atol=1e-5,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      getattr(blocked, name), getattr(whole, name), rtol=1e-5, atol=1e-5, err_msg=name
+    )
+    np.testing.assert_allclose(
+      getattr(blocked, name), ref[name], rtol=1e-4, atol=1e-5, err_msg=name
+    )
 
 
 def test_free_energy_identity():
@@ -89,8 +95,7 @@ def test_free_energy_identity():
   temperature = jnp.array([0.3, 1.0, 2.5, 9.0])
   _, s = gibbs_attention(q, k, v, temperature=temperature, return_stats=True)
   t = temperature[None, None, :]
-  np.testing.assert_allclose(s.free_energy, s.internal_energy - t * s.entropy, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(s.free_energy, s.internal_energy - t * s.entropy, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(s.free_energy, -t * s.log_partition, rtol=1e-6, atol=1e-6)
   assert jnp.all(s.entropy >= -1e-6) and jnp.all(s.specific_heat >= 0)
   # Entropy is bounded by the log of the number of visible keys.
@@ -119,7 +124,9 @@ def test_temperature_is_differentiable_through_output():
   loss = lambda t: jnp.sum(gibbs_attention(q, k, v, temperature=t) ** 2)
   g = jax.grad(loss)(jnp.array([1.0, 2.0, 3.0, 4.0]))
   eps = 1e-3
-  fd = (loss(jnp.array([1.0 + eps, 2.0, 3.0, 4.0])) - loss(jnp.array([1.0 - eps, 2.0, 3.0, 4.0]))) / (2 * eps)
+  fd = (
+    loss(jnp.array([1.0 + eps, 2.0, 3.0, 4.0])) - loss(jnp.array([1.0 - eps, 2.0, 3.0, 4.0]))
+  ) / (2 * eps)
   np.testing.assert_allclose(g[0], fd, rtol=1e-2)
 
 
@@ -128,12 +135,16 @@ def test_gathered_queries_equal_rows_of_full_attention():
   full, full_stats = gibbs_attention(q, k, v, return_stats=True)
   positions = jnp.array([[0, 3, 4, 15], [2, 7, 8, 9]])
   rows = jnp.arange(2)[:, None]
-  out, stats = gibbs_attention(q[rows, positions], k, v, q_positions=positions,
-                               return_stats=True)
+  out, stats = gibbs_attention(q[rows, positions], k, v, q_positions=positions, return_stats=True)
   np.testing.assert_allclose(out, full[rows, positions], rtol=1e-5, atol=1e-6)
   for name in FIELDS:
-    np.testing.assert_allclose(getattr(stats, name), getattr(full_stats, name)[rows, positions],
-                               rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+      getattr(stats, name),
+      getattr(full_stats, name)[rows, positions],
+      rtol=1e-5,
+      atol=1e-6,
+      err_msg=name,
+    )
 
 
 def test_lengths_pad_queries_and_hide_keys():
@@ -143,19 +154,26 @@ def test_lengths_pad_queries_and_hide_keys():
   q, k, v = qkv(14, batch=3, q_len=5, k_len=9, kv_heads=2)
   positions = jnp.array([[0, 2, 4, 6, 8]] * 3)
   q_lengths, kv_lengths = jnp.array([5, 3, 0]), jnp.array([9, 4, 7])
-  out, s = gibbs_attention(q, k, v, q_positions=positions, q_lengths=q_lengths,
-                           kv_lengths=kv_lengths, return_stats=True)
+  out, s = gibbs_attention(
+    q, k, v, q_positions=positions, q_lengths=q_lengths, kv_lengths=kv_lengths, return_stats=True
+  )
   for b in range(3):
     n_q, n_k = int(q_lengths[b]), int(kv_lengths[b])
     assert not np.any(np.asarray(out[b, n_q:]))
     assert np.all(np.isnan(np.asarray(s.entropy[b, n_q:])))
     if n_q:
-      ref_out, ref = attention_reference_np(q[b:b + 1, :n_q], k[b:b + 1, :n_k], v[b:b + 1, :n_k],
-                                            np.sqrt(8.0), q_positions=positions[b:b + 1, :n_q])
-      np.testing.assert_allclose(out[b:b + 1, :n_q], ref_out, rtol=1e-5, atol=1e-6)
+      ref_out, ref = attention_reference_np(
+        q[b : b + 1, :n_q],
+        k[b : b + 1, :n_k],
+        v[b : b + 1, :n_k],
+        np.sqrt(8.0),
+        q_positions=positions[b : b + 1, :n_q],
+      )
+      np.testing.assert_allclose(out[b : b + 1, :n_q], ref_out, rtol=1e-5, atol=1e-6)
       for name in FIELDS:
-        np.testing.assert_allclose(getattr(s, name)[b:b + 1, :n_q], ref[name], rtol=1e-4,
-                                   atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+          getattr(s, name)[b : b + 1, :n_q], ref[name], rtol=1e-4, atol=1e-5, err_msg=name
+        )
   # Decoding: one query, no causal mask, per-row key counts (0 = a row that reads nothing).
   dq = q[:, :1]
   out = gibbs_attention(dq, k, v, is_causal=False, kv_lengths=jnp.array([9, 1, 0]))
@@ -163,8 +181,11 @@ def test_lengths_pad_queries_and_hide_keys():
   np.testing.assert_allclose(out[0], ref_out[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out[1, 0], jnp.repeat(v[1, 0], 2, axis=0), rtol=1e-6)
   assert not np.any(np.asarray(out[2]))
-  g = jax.grad(lambda v: jnp.sum(gibbs_attention(dq, k, v, is_causal=False,
-                                                 kv_lengths=jnp.array([9, 1, 0])) ** 2))(v)
+  g = jax.grad(
+    lambda v: jnp.sum(
+      gibbs_attention(dq, k, v, is_causal=False, kv_lengths=jnp.array([9, 1, 0])) ** 2
+    )
+  )(v)
   assert np.all(np.isfinite(np.asarray(g))) and not np.any(np.asarray(g[2]))
 
 
@@ -173,23 +194,28 @@ def test_cudnn_gets_even_lengths_with_a_mask(monkeypatch):
   with a slot and a key that the lengths keep unread (checked here with XLA standing in
   for cuDNN)."""
   q, k, v = qkv(16, q_len=5, k_len=7)
-  expected = gibbs_attention(q, k, v, q_positions=jnp.array([[1, 2, 3, 5, 6]] * 2),
-                             implementation="xla")
+  expected = gibbs_attention(
+    q, k, v, q_positions=jnp.array([[1, 2, 3, 5, 6]] * 2), implementation="xla"
+  )
   seen = []
   original = jax.nn.dot_product_attention
 
   def as_xla(q, k, v, *, implementation=None, **kwargs):
-    seen.append((q.shape[1], k.shape[1], kwargs["query_seq_lengths"],
-                 kwargs["key_value_seq_lengths"]))
+    seen.append(
+      (q.shape[1], k.shape[1], kwargs["query_seq_lengths"], kwargs["key_value_seq_lengths"])
+    )
     return original(q, k, v, implementation="xla", **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
-  got = gibbs_attention(q, k, v, q_positions=jnp.array([[1, 2, 3, 5, 6]] * 2),
-                        implementation="cudnn")
+  got = gibbs_attention(
+    q, k, v, q_positions=jnp.array([[1, 2, 3, 5, 6]] * 2), implementation="cudnn"
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-  (q_len, k_len, q_lengths, kv_lengths), = seen
+  ((q_len, k_len, q_lengths, kv_lengths),) = seen
   assert (q_len, k_len) == (6, 8)
-  np.testing.assert_array_equal(q_lengths, [5, 5]) and np.testing.assert_array_equal(kv_lengths, [7, 7])
+  np.testing.assert_array_equal(q_lengths, [5, 5]) and np.testing.assert_array_equal(
+    kv_lengths, [7, 7]
+  )
 
 
 def test_default_positions_are_the_last_queries():
@@ -236,7 +262,9 @@ def test_jit_and_vmap_compose():
   np.testing.assert_allclose(vm, out, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case, error, match", [
+@pytest.mark.parametrize(
+  "case, error, match",
+  [
     ("q3d", ValueError, "q must be a 4-D array"),
     ("kv_shape", ValueError, "k and v must have the same shape"),
     ("head_dim", ValueError, "same head_dim"),
@@ -251,7 +279,8 @@ def test_jit_and_vmap_compose():
     ("q_lengths_shape", ValueError, r"q_lengths must have shape \[B\]"),
     ("kv_lengths_dtype", TypeError, "kv_lengths must be integer"),
     ("kv_lengths_range", ValueError, r"kv_lengths must lie in \[0, 12\]"),
-])
+  ],
+)
 def test_bad_input_names_the_argument(case, error, match):
   q, k, v = qkv(12)
   kwargs = {}
@@ -290,20 +319,41 @@ def test_bad_input_names_the_argument(case, error, match):
 # Calls of flash_attention(q, k, v, q_pos, kv_pos) and apply_rope(x, positions) with one bad
 # argument, from good q [2, 12, 4, 8], k and v [2, 12, 2, 8] and positions p [2, 12].
 BAD_CALLS = {
-    "flash_rank": (lambda q, k, v, p: flash.flash_attention(q[0], k, v, p, p),
-                   ValueError, "flash_attention: q, k and v must be"),
-    "flash_heads": (lambda q, k, v, p: flash.flash_attention(q[:, :, :3], k, v, p, p),
-                    ValueError, "q heads must be a multiple of k heads"),
-    "flash_dtype": (lambda q, k, v, p: flash.flash_attention(q, k, v.astype(jnp.bfloat16), p, p),
-                    TypeError, "flash_attention: q, k, v must share a dtype"),
-    "flash_q_pos": (lambda q, k, v, p: flash.flash_attention(q, k, v, p[:, :5], p),
-                    ValueError, r"flash_attention: q_pos must be \[B, Tq\]"),
-    "flash_kv_pos": (lambda q, k, v, p: flash.flash_attention(q, k, v, p, p.astype(jnp.float32)),
-                     TypeError, "q_pos and kv_pos must be integer"),
-    "rope_positions": (lambda q, k, v, p: apply_rope(q, p[:, :5]),
-                       ValueError, r"apply_rope: positions must be \[B, T\]"),
-    "rope_odd": (lambda q, k, v, p: apply_rope(q[..., :7], p),
-                 ValueError, "head dimension H must be even"),
+  "flash_rank": (
+    lambda q, k, v, p: flash.flash_attention(q[0], k, v, p, p),
+    ValueError,
+    "flash_attention: q, k and v must be",
+  ),
+  "flash_heads": (
+    lambda q, k, v, p: flash.flash_attention(q[:, :, :3], k, v, p, p),
+    ValueError,
+    "q heads must be a multiple of k heads",
+  ),
+  "flash_dtype": (
+    lambda q, k, v, p: flash.flash_attention(q, k, v.astype(jnp.bfloat16), p, p),
+    TypeError,
+    "flash_attention: q, k, v must share a dtype",
+  ),
+  "flash_q_pos": (
+    lambda q, k, v, p: flash.flash_attention(q, k, v, p[:, :5], p),
+    ValueError,
+    r"flash_attention: q_pos must be \[B, Tq\]",
+  ),
+  "flash_kv_pos": (
+    lambda q, k, v, p: flash.flash_attention(q, k, v, p, p.astype(jnp.float32)),
+    TypeError,
+    "q_pos and kv_pos must be integer",
+  ),
+  "rope_positions": (
+    lambda q, k, v, p: apply_rope(q, p[:, :5]),
+    ValueError,
+    r"apply_rope: positions must be \[B, T\]",
+  ),
+  "rope_odd": (
+    lambda q, k, v, p: apply_rope(q[..., :7], p),
+    ValueError,
+    "head dimension H must be even",
+  ),
 }
 
 
@@ -324,9 +374,12 @@ def test_cudnn_matches_xla_on_gpu():
   assert float(err) < 1e-2
   positions = jnp.sort(jax.random.choice(jax.random.key(0), 256, (2, 32), replace=False), axis=1)
   rows = jnp.arange(2)[:, None]
-  gathered = gibbs_attention(q[rows, positions], k, v, q_positions=positions, implementation="cudnn")
+  gathered = gibbs_attention(
+    q[rows, positions], k, v, q_positions=positions, implementation="cudnn"
+  )
   err = jnp.linalg.norm((gathered - ref[rows, positions]).astype(jnp.float32)) / jnp.linalg.norm(
-      ref[rows, positions].astype(jnp.float32))
+    ref[rows, positions].astype(jnp.float32)
+  )
   assert float(err) < 1e-2
 
 
@@ -341,13 +394,20 @@ def test_cudnn_lengths_match_xla_on_gpu():
   weights = jax.random.normal(jax.random.key(2), (3, 64, 4, 64), jnp.float32)
 
   def gathered(q, k, v, impl):
-    out = gibbs_attention(q[rows, positions], k, v, q_positions=positions,
-                          q_lengths=jnp.array([64, 17, 0]), implementation=impl)
+    out = gibbs_attention(
+      q[rows, positions],
+      k,
+      v,
+      q_positions=positions,
+      q_lengths=jnp.array([64, 17, 0]),
+      implementation=impl,
+    )
     return jnp.sum(out.astype(jnp.float32) * weights), out
 
   def decoding(q, k, v, impl):
-    return gibbs_attention(q[:, :1], k, v, is_causal=False, kv_lengths=jnp.array([256, 5, 0]),
-                           implementation=impl)
+    return gibbs_attention(
+      q[:, :1], k, v, is_causal=False, kv_lengths=jnp.array([256, 5, 0]), implementation=impl
+    )
 
   def close(a, b, tol=2e-2):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)

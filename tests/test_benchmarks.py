@@ -10,9 +10,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks import (attention, common, decode, gate_control, grokking, lm, models,  # noqa: E402
-                        mqar, phase, recurrence, report, throughput)
-from tgn_jax import TGNConfig  # noqa: E402
+from benchmarks import (
+  attention,
+  common,
+  decode,
+  gate_control,
+  grokking,
+  lm,
+  models,
+  mqar,
+  phase,
+  recurrence,
+  report,
+  throughput,
+)
+from tgn_jax import TGNConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -43,14 +55,15 @@ def assert_png(path: Path) -> None:
 
 def test_registry_resolves_each_name_to_its_config_fields():
   from tgn_jax.training.config import resolve
+
   expected = {  # mixer, recurrence, gate, kv, open rate held, thermostat
-      "tgn": ("tgn", "mingru", "hard", "all", None, True),
-      "tgn-hard-0.10": ("tgn", "mingru", "hard", "all", 0.10, False),
-      "tgn-hard-0.25": ("tgn", "mingru", "hard", "all", 0.25, False),
-      "tgn-kvopen-0.10": ("tgn", "mingru", "hard", "open", 0.10, False),
-      "tgn-soft-gru": ("tgn", "gru", "soft", "all", None, False),
-      "transformer": ("attention", "mingru", "hard", "all", None, False),
-      "recurrent": ("recurrent", "mingru", "hard", "all", None, False),
+    "tgn": ("tgn", "mingru", "hard", "all", None, True),
+    "tgn-hard-0.10": ("tgn", "mingru", "hard", "all", 0.10, False),
+    "tgn-hard-0.25": ("tgn", "mingru", "hard", "all", 0.25, False),
+    "tgn-kvopen-0.10": ("tgn", "mingru", "hard", "open", 0.10, False),
+    "tgn-soft-gru": ("tgn", "gru", "soft", "all", None, False),
+    "transformer": ("attention", "mingru", "hard", "all", None, False),
+    "recurrent": ("recurrent", "mingru", "hard", "all", None, False),
   }
   assert set(models.MODELS) == set(expected) | {models.PLAIN_GPT}
   for name, (*fields, open_rate, thermostat) in expected.items():
@@ -64,8 +77,9 @@ def test_registry_resolves_each_name_to_its_config_fields():
     assert ("target_rate" not in options) == thermostat
     assert thermostat or trained.target_rate is None
   # Result files record a model's fields with its held open rate, as they always did.
-  assert models.describe("tgn-kvopen-0.10") == dict(mixer="tgn", recurrence="mingru",
-                                                    gate="hard", kv="open", open_rate=0.10)
+  assert models.describe("tgn-kvopen-0.10") == dict(
+    mixer="tgn", recurrence="mingru", gate="hard", kv="open", open_rate=0.10
+  )
   assert models.describe("transformer") == dict(mixer="attention", open_rate=None)
   assert models.describe(models.PLAIN_GPT) == "pure jax + optax"
   with pytest.raises(ValueError, match="not a library model"):
@@ -81,50 +95,77 @@ def test_models_option_takes_a_subset_of_the_benchmark_models():
   models.add_option(parser, decode.MODELS)
   assert parser.parse_args([]).models == list(decode.MODELS)
   assert parser.parse_args(["--models", "transformer,tgn-hard-0.10"]).models == [
-      "transformer", "tgn-hard-0.10"]
+    "transformer",
+    "tgn-hard-0.10",
+  ]
   for other in ("recurrent", "nope"):  # in the registry but not this benchmark's, or unknown
     with pytest.raises(SystemExit):
       parser.parse_args(["--models", f"transformer,{other}"])
 
 
 def test_add_ratio_against_a_hand_computed_table():
-  rows = [dict(model="transformer", T=8, tokens_per_s=100.0),
-          dict(model="plain-gpt", T=8, tokens_per_s=125.0),
-          dict(model="tgn-hard-0.10", T=8, tokens_per_s=80.0),
-          dict(model="tgn-hard-0.10", T=8, mesh="data:1", tokens_per_s=60.0),
-          dict(model="transformer", T=8, mesh="data:1", tokens_per_s=1000.0),  # not a baseline
-          dict(model="transformer", T=16, tokens_per_s=40.0),
-          dict(model="tgn-hard-0.10", T=16, tokens_per_s=50.0),
-          dict(model="tgn-hard-0.10", T=32, tokens_per_s=30.0),  # no baseline at T=32
-          dict(model="plain-gpt", T=16, error="OOM")]
+  rows = [
+    dict(model="transformer", T=8, tokens_per_s=100.0),
+    dict(model="plain-gpt", T=8, tokens_per_s=125.0),
+    dict(model="tgn-hard-0.10", T=8, tokens_per_s=80.0),
+    dict(model="tgn-hard-0.10", T=8, mesh="data:1", tokens_per_s=60.0),
+    dict(model="transformer", T=8, mesh="data:1", tokens_per_s=1000.0),  # not a baseline
+    dict(model="transformer", T=16, tokens_per_s=40.0),
+    dict(model="tgn-hard-0.10", T=16, tokens_per_s=50.0),
+    dict(model="tgn-hard-0.10", T=32, tokens_per_s=30.0),  # no baseline at T=32
+    dict(model="plain-gpt", T=16, error="OOM"),
+  ]
   throughput.add_ratios(rows)
   columns = ("vs_transformer", "vs_plain_gpt", "vs_unsharded")
   assert [tuple(r.get(c) for c in columns) for r in rows] == [
-      (1.0, 0.8, None), (1.25, 1.0, None), (0.8, 0.64, None), (0.6, 0.48, 0.75),
-      (10.0, 8.0, 10.0), (1.0, None, None), (1.25, None, None), (None, None, None),
-      (None, None, None)]
+    (1.0, 0.8, None),
+    (1.25, 1.0, None),
+    (0.8, 0.64, None),
+    (0.6, 0.48, 0.75),
+    (10.0, 8.0, 10.0),
+    (1.0, None, None),
+    (1.25, None, None),
+    (None, None, None),
+    (None, None, None),
+  ]
   # Several keys; the rows `where` leaves out get no ratio.
-  rows = [dict(model=m, context=c, B=b, ms=ms) for m, c, b, ms in [
-      ("transformer", 4, 1, 2.0), ("transformer", 4, 2, 4.0), ("tgn", 4, 1, 1.0),
-      ("tgn", 4, 2, 1.0)]]
-  common.add_ratio(rows, "fraction", "ms", ("context", "B"),
-                   lambda r: r["model"] == "transformer", where=lambda r: r["model"] == "tgn")
+  rows = [
+    dict(model=m, context=c, B=b, ms=ms)
+    for m, c, b, ms in [
+      ("transformer", 4, 1, 2.0),
+      ("transformer", 4, 2, 4.0),
+      ("tgn", 4, 1, 1.0),
+      ("tgn", 4, 2, 1.0),
+    ]
+  ]
+  common.add_ratio(
+    rows,
+    "fraction",
+    "ms",
+    ("context", "B"),
+    lambda r: r["model"] == "transformer",
+    where=lambda r: r["model"] == "tgn",
+  )
   assert [r.get("fraction") for r in rows] == [None, None, 0.5, 0.25]
 
 
 def test_tables(capsys):
-  rows = [dict(model="tgn", bpb=1.234567, params=1000, open_rate=None),
-          dict(model="transformer", bpb=2.0, params=20)]
+  rows = [
+    dict(model="tgn", bpb=1.234567, params=1000, open_rate=None),
+    dict(model="transformer", bpb=2.0, params=20),
+  ]
   assert common.markdown_table(rows, ["model", "bpb", "open_rate", "absent", "params"]) == (
-      "| model | bpb | open_rate | params |\n"
-      "|---|---|---|---|\n"
-      "| tgn | 1.235 | – | 1000 |\n"
-      "| transformer | 2 | – | 20 |")
+    "| model | bpb | open_rate | params |\n"
+    "|---|---|---|---|\n"
+    "| tgn | 1.235 | – | 1000 |\n"
+    "| transformer | 2 | – | 20 |"
+  )
   common.print_table(rows, ["model", "bpb", "open_rate"])
   assert capsys.readouterr().out.splitlines() == [
-      "      model    bpb  open_rate",
-      "        tgn  1.235          -",
-      "transformer      2          -"]
+    "      model    bpb  open_rate",
+    "        tgn  1.235          -",
+    "transformer      2          -",
+  ]
 
 
 def test_error_text_keeps_the_type_and_first_line():
@@ -149,7 +190,9 @@ def test_gathered_fraction_is_what_routing_gathers():
   """The slots per token the benchmarks report equal the slots route_causal_segments
   hands to its function, segment by segment."""
   import jax.numpy as jnp
+
   from tgn_jax.ops.gate import route_causal_segments
+
   # 40 tokens in segments of 16, 16, 8; capacity 0.25 in tiles of 8: 8 + 8 + 8 slots.
   def routed_slots(seq_len, fraction, segment_len, multiple):
     slots = []
@@ -158,13 +201,22 @@ def test_gathered_fraction_is_what_routing_gathers():
       slots.append(x_BCD.shape[1])
       return x_BCD
 
-    route_causal_segments(record, jnp.ones((1, seq_len), bool), jnp.ones((1, seq_len, 1)),
-                          fraction, segment_len, multiple)
+    route_causal_segments(
+      record,
+      jnp.ones((1, seq_len), bool),
+      jnp.ones((1, seq_len, 1)),
+      fraction,
+      segment_len,
+      multiple,
+    )
     return sum(slots)
 
   for seq_len, fraction, segment_len, multiple, expected in [
-      (40, 0.25, 16, 8, 24 / 40), (40, 0.25, 16, 1, (4 + 4 + 2) / 40),
-      (64, 0.125, 32, 8, 16 / 64), (32, 0.25, 8192, 64, 1.0)]:
+    (40, 0.25, 16, 8, 24 / 40),
+    (40, 0.25, 16, 1, (4 + 4 + 2) / 40),
+    (64, 0.125, 32, 8, 16 / 64),
+    (32, 0.25, 8192, 64, 1.0),
+  ]:
     assert gate_control.gathered_fraction(seq_len, fraction, segment_len, multiple) == expected
     if expected < 1.0:  # dense computes every query without routing
       assert routed_slots(seq_len, fraction, segment_len, multiple) / seq_len == expected
@@ -177,8 +229,12 @@ def test_attention(tmp_path):
   results, out = run(attention, tmp_path, "--impls", "xla,pallas")
   rows = results["rows"]
   assert [(r["path"], r.get("impl"), r["rate"], r["segment"]) for r in rows] == [
-      ("dense", None, 1.0, None), ("gated", "xla", 0.1, 16), ("gated", "pallas", 0.1, 16),
-      ("gated", "xla", 0.1, 64), ("gated", "pallas", 0.1, 64)]
+    ("dense", None, 1.0, None),
+    ("gated", "xla", 0.1, 16),
+    ("gated", "pallas", 0.1, 16),
+    ("gated", "xla", 0.1, 64),
+    ("gated", "pallas", 0.1, 64),
+  ]
   for r in rows:
     assert r["T"] == 64 and r["B"] == 2
     assert positive(r["ms"]) and positive(r["fraction"]) and positive(r["compile_ms"])
@@ -198,8 +254,9 @@ def test_recurrence(tmp_path):
 
 def test_throughput(tmp_path):
   # Three models at one length: each hard-gate step takes seconds to compile on CPU.
-  results, out = run(throughput, tmp_path, "--models", "tgn-hard-0.10,transformer,plain-gpt",
-                     "--seq_lens", "32")
+  results, out = run(
+    throughput, tmp_path, "--models", "tgn-hard-0.10,transformer,plain-gpt", "--seq_lens", "32"
+  )
   assert results["config"]["exploration"] == TGNConfig(vocab_size=1).exploration
   assert results["config"]["dtype"] == "float32"
   rows = {r["model"]: r for r in results["rows"]}
@@ -225,7 +282,8 @@ def test_throughput(tmp_path):
   assert transformer["vs_transformer"] == 1.0 and plain["vs_plain_gpt"] == 1.0
   assert hard["vs_transformer"] == pytest.approx(hard["tokens_per_s"] / transformer["tokens_per_s"])
   assert transformer["vs_plain_gpt"] == pytest.approx(
-      transformer["tokens_per_s"] / plain["tokens_per_s"])
+    transformer["tokens_per_s"] / plain["tokens_per_s"]
+  )
   assert_png(out.with_suffix(".png"))
 
 
@@ -235,10 +293,13 @@ def test_plain_gpt_matches_the_library_transformer():
   import jax
   import jax.numpy as jnp
   import optax
+
   from benchmarks import plain_gpt
   from tgn_jax import functional
-  cfg = TGNConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
-                  mixer="attention")
+
+  cfg = TGNConfig(
+    vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, mixer="attention"
+  )
   _, params = functional.init(cfg, jax.random.key(0))
   model_def = functional.init(cfg, jax.random.key(0))[0]
   blocks = params["blocks"]
@@ -248,17 +309,24 @@ def test_plain_gpt_matches_the_library_transformer():
   k, v = jnp.split(attn["kv_proj"]["kernel"][...], 2, axis=-1)
   heads = lambda w: w.reshape(2, d, cfg.n_heads, cfg.head_dim)
   qkv = jnp.concatenate([heads(q), heads(k), heads(v)], axis=2).reshape(2, d, 3 * d)
-  plain = {"embed": params["embed"]["embedding"][...], "final_norm": params["final_norm"]["scale"][...],
-           "blocks": {"norm_attn": blocks["norm_mix"]["scale"][...], "qkv": qkv,
-                      "out": attn["o_proj"]["kernel"][...],
-                      "norm_mlp": blocks["norm_mlp"]["scale"][...],
-                      "up": blocks["mlp"]["up"]["kernel"][...],
-                      "down": blocks["mlp"]["down"]["kernel"][...]}}
+  plain = {
+    "embed": params["embed"]["embedding"][...],
+    "final_norm": params["final_norm"]["scale"][...],
+    "blocks": {
+      "norm_attn": blocks["norm_mix"]["scale"][...],
+      "qkv": qkv,
+      "out": attn["o_proj"]["kernel"][...],
+      "norm_mlp": blocks["norm_mlp"]["scale"][...],
+      "up": blocks["mlp"]["up"]["kernel"][...],
+      "down": blocks["mlp"]["down"]["kernel"][...],
+    },
+  }
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 50)
   logits, _ = functional.apply(model_def, params, tokens[:, :-1], stats=None)
   expected = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
-  got = plain_gpt.loss_fn(plain, tokens[:, :-1], tokens[:, 1:], n_heads=cfg.n_heads,
-                          dtype=jnp.float32)
+  got = plain_gpt.loss_fn(
+    plain, tokens[:, :-1], tokens[:, 1:], n_heads=cfg.n_heads, dtype=jnp.float32
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -270,8 +338,15 @@ def test_decode(tmp_path):
   for r in rows.values():
     assert "error" not in r, r["error"]
     assert (r["context"], r["B"], r["prompt"]) == (48, 2, 48 - steps)
-    for key in ("prefill_ms", "ms", "ms_per_step", "tokens_per_s", "first_call_s", "params",
-                "cache_gib"):
+    for key in (
+      "prefill_ms",
+      "ms",
+      "ms_per_step",
+      "tokens_per_s",
+      "first_call_s",
+      "params",
+      "cache_gib",
+    ):
       assert positive(r[key]), key
     assert r["tokens_per_s"] == pytest.approx(2 * steps / (r["ms"] / 1e3))
   hard = rows["tgn-hard-0.10"]
@@ -295,8 +370,17 @@ def test_mqar(tmp_path):
   assert len(row["open_per_layer"]) == 2
   assert_png(out.with_suffix(".png"))
   # A second call reuses the finished run instead of training again.
-  again = mqar.main(["--tiny", "--models", "tgn", "--runs_dir", str(tmp_path / "runs"),
-                     "--out", str(tmp_path / "y.json")])
+  again = mqar.main(
+    [
+      "--tiny",
+      "--models",
+      "tgn",
+      "--runs_dir",
+      str(tmp_path / "runs"),
+      "--out",
+      str(tmp_path / "y.json"),
+    ]
+  )
   assert again["rows"][0]["seconds"] == row["seconds"]
   assert models.train_options("tgn") == dict(mixer="tgn", gate="hard")  # --tiny changed nothing
   # A run directory trained with other options is never reused as if it matched.
@@ -318,9 +402,15 @@ def test_grokking(tmp_path):
 
 
 def test_grokking_analysis_finds_peak_and_jump():
-  evals = [dict(step=s, specific_heat=[h], eval_accuracy=a, train_accuracy=t)
-           for s, h, a, t in [(100, 0.1, 0.0, 0.5), (200, 0.9, 0.1, 0.95), (300, 0.3, 0.5, 1.0),
-                              (400, 0.2, 0.95, 1.0)]]
+  evals = [
+    dict(step=s, specific_heat=[h], eval_accuracy=a, train_accuracy=t)
+    for s, h, a, t in [
+      (100, 0.1, 0.0, 0.5),
+      (200, 0.9, 0.1, 0.95),
+      (300, 0.3, 0.5, 1.0),
+      (400, 0.2, 0.95, 1.0),
+    ]
+  ]
   result = grokking.analyse(evals, 0.9)
   assert (result["peak_step"], result["grok_step"], result["lead"]) == (200, 400, 200)
   assert result["memorised_step"] == 200
@@ -341,8 +431,16 @@ def test_lm(tmp_path, monkeypatch):
   monkeypatch.setenv("TGN_JAX_CACHE", str(tmp_path / "cache"))
   data = tmp_path / "text.txt"
   data.write_text("a small corpus for a tiny language model. " * 200)
-  results, out = run(lm, tmp_path, "--models", "transformer,recurrent", "--data", str(data),
-                     "--runs_dir", str(tmp_path / "runs"))
+  results, out = run(
+    lm,
+    tmp_path,
+    "--models",
+    "transformer,recurrent",
+    "--data",
+    str(data),
+    "--runs_dir",
+    str(tmp_path / "runs"),
+  )
   rows = {r["model"]: r for r in results["rows"]}
   assert list(rows) == ["transformer", "recurrent"]
   for r in rows.values():

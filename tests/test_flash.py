@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from reference import attention_reference_np
+
 from tgn_jax.ops import flash
 from tgn_jax.ops.attention import gibbs_attention
 
@@ -28,12 +28,17 @@ def case(seed, dtype=jnp.float32):
   k = rng.normal(size=(batch, k_len, KV_HEADS, HEAD_DIM))
   v = rng.normal(size=(batch, k_len, KV_HEADS, HEAD_DIM))
   kv_pos = np.stack([np.sort(rng.choice(150, k_len, replace=False)) for _ in range(batch)])
-  q_pos = np.stack([np.sort(rng.choice(np.arange(kv_pos[b, 0], 200), q_len, replace=False))
-                    for b in range(batch)])
+  q_pos = np.stack(
+    [np.sort(rng.choice(np.arange(kv_pos[b, 0], 200), q_len, replace=False)) for b in range(batch)]
+  )
   q_pos[1, :12] = np.sort(rng.choice(np.arange(kv_pos[1, 0], kv_pos[1, -1]), 12, replace=False))
   q_pos[1, 12] = kv_pos[1, -1]
-  args = dict(q_positions=jnp.asarray(q_pos, jnp.int32), kv_positions=jnp.asarray(kv_pos, jnp.int32),
-              q_lengths=jnp.array([37, 13, 0]), kv_lengths=jnp.array([29, 45, 45]))
+  args = dict(
+    q_positions=jnp.asarray(q_pos, jnp.int32),
+    kv_positions=jnp.asarray(kv_pos, jnp.int32),
+    q_lengths=jnp.array([37, 13, 0]),
+    kv_lengths=jnp.array([29, 45, 45]),
+  )
   cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)
   return cast(q), cast(k), cast(v), args
 
@@ -48,16 +53,23 @@ def valid(args):
 
 def test_equals_xla_and_float64_reference_values_and_observables():
   q, k, v, args = case(0)
-  out, stats = gibbs_attention(q, k, v, temperature=TEMPERATURE, return_stats=True,
-                               implementation="pallas", blocks=BLOCKS, **args)
+  out, stats = gibbs_attention(
+    q,
+    k,
+    v,
+    temperature=TEMPERATURE,
+    return_stats=True,
+    implementation="pallas",
+    blocks=BLOCKS,
+    **args,
+  )
   xla = gibbs_attention(q, k, v, temperature=TEMPERATURE, implementation="xla", **args)
   ref_out, ref = attention_reference_np(q, k, v, TEMPERATURE, **args)
   np.testing.assert_allclose(out, xla, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
   assert not np.any(np.asarray(out[2])) and not np.any(np.asarray(out[1, 13:]))
   for name in FIELDS:
-    np.testing.assert_allclose(getattr(stats, name), ref[name], rtol=1e-4, atol=1e-5,
-                               err_msg=name)
+    np.testing.assert_allclose(getattr(stats, name), ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_gradients_equal_xla_for_q_k_v_and_temperature():
@@ -68,22 +80,28 @@ def test_gradients_equal_xla_for_q_k_v_and_temperature():
     def f(q, k, v, t):
       out = gibbs_attention(q, k, v, temperature=t, implementation=impl, **kw, **args)
       return jnp.sum(out * weights)
+
     return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
 
   pallas = loss("pallas", blocks=BLOCKS)(q, k, v, TEMPERATURE)
   xla = loss("xla")(q, k, v, TEMPERATURE)
   for name, a, b in zip("qkvT", pallas, xla):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))),
-                               err_msg=name)
+    np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))), err_msg=name
+    )
   assert float(jnp.max(jnp.abs(pallas[3]))) > 0  # the temperature does get a gradient
 
 
 def test_log_partition_cotangent_flows_into_q_and_k():
   """The kernel's lse is an output with a gradient: d lse / d q = E_p[k] / T."""
   q, k, v, args = case(2)
-  q_pos, kv_pos = (jnp.where(jnp.arange(x.shape[1])[None] < n[:, None], x, pad)
-                   for x, n, pad in ((args["q_positions"], args["q_lengths"], flash.PAD_QUERY),
-                                     (args["kv_positions"], args["kv_lengths"], flash.PAD_KEY)))
+  q_pos, kv_pos = (
+    jnp.where(jnp.arange(x.shape[1])[None] < n[:, None], x, pad)
+    for x, n, pad in (
+      (args["q_positions"], args["q_lengths"], flash.PAD_QUERY),
+      (args["kv_positions"], args["kv_lengths"], flash.PAD_KEY),
+    )
+  )
 
   def lse_sum(f):
     return lambda q, k: jnp.sum(jnp.where(jnp.isfinite(lse := f(q, k)), lse, 0.0))
@@ -97,8 +115,9 @@ def test_log_partition_cotangent_flows_into_q_and_k():
     visible = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, :, None, :]
     return jax.nn.logsumexp(jnp.where(visible, s, -jnp.inf), axis=-1)
 
-  for a, b in zip(jax.grad(lse_sum(kernel), argnums=(0, 1))(q, k),
-                  jax.grad(lse_sum(dense), argnums=(0, 1))(q, k)):
+  for a, b in zip(
+    jax.grad(lse_sum(kernel), argnums=(0, 1))(q, k), jax.grad(lse_sum(dense), argnums=(0, 1))(q, k)
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -107,11 +126,15 @@ def test_half_precision_is_close(dtype):
   q, k, v, args = case(3, dtype)
   out = gibbs_attention(q, k, v, implementation="pallas", blocks=BLOCKS, **args)
   assert out.dtype == dtype
-  ref_out, _ = attention_reference_np(q.astype(jnp.float32), k.astype(jnp.float32),
-                                      v.astype(jnp.float32), np.sqrt(HEAD_DIM), **args)
+  ref_out, _ = attention_reference_np(
+    q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), np.sqrt(HEAD_DIM), **args
+  )
   assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out))) < 3e-2
-  grads = jax.grad(lambda q: jnp.sum(gibbs_attention(
-      q, k, v, implementation="pallas", blocks=BLOCKS, **args).astype(jnp.float32)))(q)
+  grads = jax.grad(
+    lambda q: jnp.sum(
+      gibbs_attention(q, k, v, implementation="pallas", blocks=BLOCKS, **args).astype(jnp.float32)
+    )
+  )(q)
   assert grads.dtype == dtype and bool(jnp.all(jnp.isfinite(grads.astype(jnp.float32))))
 
 
@@ -120,8 +143,9 @@ def test_tiles_nobody_sees_are_never_read():
   NaN: if any kernel (forward, dq, dk/dv) read those tiles, NaN would reach its outputs."""
   batch, q_len, k_len = 2, 48, 64
   rng = np.random.default_rng(4)
-  q, k, v = (jnp.asarray(rng.normal(size=(batch, n, 2, 16)), jnp.float32)
-             for n in (q_len, k_len, k_len))
+  q, k, v = (
+    jnp.asarray(rng.normal(size=(batch, n, 2, 16)), jnp.float32) for n in (q_len, k_len, k_len)
+  )
   q_pos = jnp.asarray(np.sort(rng.choice(32, size=(batch, q_len)), axis=1), jnp.int32)
   kv_pos = jnp.broadcast_to(jnp.arange(k_len, dtype=jnp.int32), (batch, k_len))
   q_pos = q_pos.at[:, 32:].set(flash.PAD_QUERY)  # query tile 2: padding only
@@ -167,15 +191,18 @@ def random_positions(rng, batch, q_len, k_len):
     q = np.sort(rng.integers(int(kv[0]) - 3, int(kv[-1]) + 4, q_len))
     if rng.random() < 0.15:
       q[:] = flash.ALL_KEYS
-    kv[int(rng.integers(0, k_len + 1)) if rng.random() < 0.4 else k_len:] = flash.PAD_KEY
-    q[int(rng.integers(0, q_len + 1)) if rng.random() < 0.4 else q_len:] = flash.PAD_QUERY
+    kv[int(rng.integers(0, k_len + 1)) if rng.random() < 0.4 else k_len :] = flash.PAD_KEY
+    q[int(rng.integers(0, q_len + 1)) if rng.random() < 0.4 else q_len :] = flash.PAD_QUERY
     q_rows.append(q)
     kv_rows.append(kv)
   return jnp.asarray(np.stack(q_rows), jnp.int32), jnp.asarray(np.stack(kv_rows), jnp.int32)
 
 
-@pytest.mark.parametrize("blocks", [flash.FlashBlocks(16, 16, 16, 16),
-                                    flash.FlashBlocks(32, 16, 16, 32)], ids=["16", "mixed"])
+@pytest.mark.parametrize(
+  "blocks",
+  [flash.FlashBlocks(16, 16, 16, 16), flash.FlashBlocks(32, 16, 16, 32)],
+  ids=["16", "mixed"],
+)
 def test_random_positions_equal_dense_attention(blocks):
   """Values, log-sum-exp and gradients (with an lse cotangent) over random positions, with
   backward tiles that differ from the forward's; most cases run unmasked tiles too."""
@@ -185,6 +212,7 @@ def test_random_positions_equal_dense_attention(blocks):
     def f(q, k, v, q_pos, kv_pos, w, w_lse):
       out, lse = attend(q, k, v, q_pos, kv_pos)
       return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0))
+
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
   kernel = loss(functools.partial(flash.flash_attention, blocks=blocks))
@@ -195,12 +223,18 @@ def test_random_positions_equal_dense_attention(blocks):
       k, v = (jnp.asarray(rng.normal(size=(2, k_len, 2, 8)), jnp.float32) for _ in range(2))
       w_lse = jnp.asarray(rng.normal(size=(2, q_len, 4)), jnp.float32)
       q_pos, kv_pos = random_positions(rng, 2, q_len, k_len)
-      (value, grads), (ref_value, ref_grads) = (f(q, k, v, q_pos, kv_pos, w, w_lse)
-                                                for f in (kernel, dense))
+      (value, grads), (ref_value, ref_grads) = (
+        f(q, k, v, q_pos, kv_pos, w, w_lse) for f in (kernel, dense)
+      )
       np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-4)
       for name, a, b in zip("qkv", grads, ref_grads):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))),
-                                   err_msg=f"d{name} {q_len}x{k_len}")
+        np.testing.assert_allclose(
+          a,
+          b,
+          rtol=1e-5,
+          atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))),
+          err_msg=f"d{name} {q_len}x{k_len}",
+        )
 
 
 def test_more_queries_than_keys_with_negative_default_positions():
@@ -209,9 +243,13 @@ def test_more_queries_than_keys_with_negative_default_positions():
   q, k, v, _ = case(8)
   q = jnp.concatenate([q, q[:, :13]], axis=1)[:, :50]  # 50 queries over 45 keys
   weights = jax.random.normal(jax.random.key(1), q.shape)
-  grads = [jax.grad(lambda q, k, v: jnp.sum(gibbs_attention(
-      q, k, v, implementation=impl, **kw) * weights), argnums=(0, 1, 2))(q, k, v)
-           for impl, kw in (("pallas", dict(blocks=BLOCKS)), ("xla", {}))]
+  grads = [
+    jax.grad(
+      lambda q, k, v: jnp.sum(gibbs_attention(q, k, v, implementation=impl, **kw) * weights),
+      argnums=(0, 1, 2),
+    )(q, k, v)
+    for impl, kw in (("pallas", dict(blocks=BLOCKS)), ("xla", {}))
+  ]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -230,16 +268,35 @@ def test_tile_bounds():
   np.testing.assert_array_equal(n, [6])
 
 
-@pytest.mark.parametrize("case_name, kwargs, error, match", [
-    ("kv_shape", dict(kv_positions=jnp.zeros((3, 44), jnp.int32)), ValueError,
-     "kv_positions must have shape"),
-    ("kv_dtype", dict(kv_positions=jnp.zeros((3, 45), jnp.float32)), TypeError,
-     "kv_positions must be integer"),
-    ("decreasing", dict(kv_positions=jnp.broadcast_to(jnp.arange(45)[::-1], (3, 45))), ValueError,
-     "kv_positions must increase along each row"),
-    ("blocks", dict(blocks=flash.FlashBlocks(), implementation="xla"), ValueError,
-     "blocks are for implementation='pallas'"),
-])
+@pytest.mark.parametrize(
+  "case_name, kwargs, error, match",
+  [
+    (
+      "kv_shape",
+      dict(kv_positions=jnp.zeros((3, 44), jnp.int32)),
+      ValueError,
+      "kv_positions must have shape",
+    ),
+    (
+      "kv_dtype",
+      dict(kv_positions=jnp.zeros((3, 45), jnp.float32)),
+      TypeError,
+      "kv_positions must be integer",
+    ),
+    (
+      "decreasing",
+      dict(kv_positions=jnp.broadcast_to(jnp.arange(45)[::-1], (3, 45))),
+      ValueError,
+      "kv_positions must increase along each row",
+    ),
+    (
+      "blocks",
+      dict(blocks=flash.FlashBlocks(), implementation="xla"),
+      ValueError,
+      "blocks are for implementation='pallas'",
+    ),
+  ],
+)
 def test_bad_input_names_the_argument(case_name, kwargs, error, match):
   q, k, v, _ = case(5)
   with pytest.raises(error, match=match):
@@ -253,6 +310,7 @@ def test_kernels_lower_to_triton_for_cuda():
   rules for CUDA (bf16, head_dim 64, grouped heads), as three Triton custom calls and no
   conditional. (Triton's own compiler runs only on a GPU: tests/test_flash.py there.)"""
   from jax import export
+
   q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
   pos = jax.ShapeDtypeStruct((2, 256), jnp.int32)
@@ -262,8 +320,9 @@ def test_kernels_lower_to_triton_for_cuda():
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
   exported = export.export(
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-          q, k, k, pos, pos)
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+    platforms=["cuda"],
+    disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(q, k, k, pos, pos)
   module = exported.mlir_module()
   assert module.count("xla.gpu.triton") == 3 and "conditional" not in module

@@ -49,9 +49,14 @@ def test_attention_over_gathered_open_keys_equals_masked_dense_attention():
 
   def gathered(q, k, v):
     slots = gate_ops.token_slots(is_open, 16)
-    return gibbs_attention(q, k[rows, slots.positions_BC], v[rows, slots.positions_BC],
-                           q_positions=jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)),
-                           kv_positions=slots.positions_BC, kv_lengths=slots.lengths_B)
+    return gibbs_attention(
+      q,
+      k[rows, slots.positions_BC],
+      v[rows, slots.positions_BC],
+      q_positions=jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)),
+      kv_positions=slots.positions_BC,
+      kv_lengths=slots.lengths_B,
+    )
 
   def masked(q, k, v):
     mask = (jnp.tril(jnp.ones((seq_len, seq_len), bool))[None] & is_open[:, None, :])[:, None]
@@ -59,8 +64,10 @@ def test_attention_over_gathered_open_keys_equals_masked_dense_attention():
 
   np.testing.assert_allclose(gathered(q, k, v), masked(q, k, v), rtol=1e-5, atol=1e-6)
   w = jax.random.normal(jax.random.key(12), q.shape)
-  for a, b in zip(jax.grad(lambda *x: jnp.sum(gathered(*x) * w), argnums=(0, 1, 2))(q, k, v),
-                  jax.grad(lambda *x: jnp.sum(masked(*x) * w), argnums=(0, 1, 2))(q, k, v)):
+  for a, b in zip(
+    jax.grad(lambda *x: jnp.sum(gathered(*x) * w), argnums=(0, 1, 2))(q, k, v),
+    jax.grad(lambda *x: jnp.sum(masked(*x) * w), argnums=(0, 1, 2))(q, k, v),
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -88,10 +95,10 @@ def dense_expensive(x, selected):
 
 
 PATTERNS = {
-    "random": lambda b, t: jax.random.bernoulli(jax.random.key(4), 0.3, (b, t)),
-    "none": lambda b, t: jnp.zeros((b, t), bool),
-    "all": lambda b, t: jnp.ones((b, t), bool),
-    "one_row_full": lambda b, t: jnp.zeros((b, t), bool).at[1].set(True),
+  "random": lambda b, t: jax.random.bernoulli(jax.random.key(4), 0.3, (b, t)),
+  "none": lambda b, t: jnp.zeros((b, t), bool),
+  "all": lambda b, t: jnp.ones((b, t), bool),
+  "one_row_full": lambda b, t: jnp.zeros((b, t), bool).at[1].set(True),
 }
 
 
@@ -162,8 +169,10 @@ def test_route_is_straight_line_code():
     traced.append(x_BCD.shape)
     return jnp.tanh(x_BCD) * pos_BC[..., None]
 
-  loss = lambda x: jnp.sum(gate_ops.route_causal_segments(
-      lambda x, p, n, end: fn(x, p, n), sel, x, 0.5, segment_len=16)[0] ** 2)
+  loss = lambda x: jnp.sum(
+    gate_ops.route_causal_segments(lambda x, p, n, end: fn(x, p, n), sel, x, 0.5, segment_len=16)[0]
+    ** 2
+  )
   grad = jax.jit(jax.grad(loss))
   assert " conditional(" not in grad.lower(x).compile().as_text()
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
@@ -209,9 +218,14 @@ def test_routed_attention_equals_dense_attention(pattern):
 
   def sparse(q, k, v):
     out, report = gate_ops.route_causal_segments(
-        lambda q_BC, pos, lengths, end: gibbs_attention(
-            q_BC, k[:, :end], v[:, :end], q_positions=pos, q_lengths=lengths),
-        sel, q, 1.0 if pattern in ("all", "one_row_full") else 0.75, segment_len=8)
+      lambda q_BC, pos, lengths, end: gibbs_attention(
+        q_BC, k[:, :end], v[:, :end], q_positions=pos, q_lengths=lengths
+      ),
+      sel,
+      q,
+      1.0 if pattern in ("all", "one_row_full") else 0.75,
+      segment_len=8,
+    )
     return jnp.sum(out * weights), report
 
   def dense(q, k, v):
@@ -237,8 +251,9 @@ def test_capacity_ladder_moves_up_at_once_and_down_after_a_window():
   assert not ladder.observe(False, 0.05) and ladder.current == 1.0  # 0.6 still in the window
   assert not ladder.observe(False, 0.05) and ladder.current == 1.0
   assert not ladder.observe(False, 0.05) and ladder.current == 0.125  # the window forgot it
-  resumed = gate_ops.CapacityLadder((0.125, 0.25, 0.5, 1.0), headroom=0.1, window=3,
-                                    recent=ladder.recent)
+  resumed = gate_ops.CapacityLadder(
+    (0.125, 0.25, 0.5, 1.0), headroom=0.1, window=3, recent=ladder.recent
+  )
   assert resumed.recent == ladder.recent and resumed.current == ladder.current
   # An overflow whose reported need is too low (later layers saw wrong activations)
   # still moves the ladder up, so redoing ends.

@@ -15,8 +15,17 @@ VOCAB, SEQ = 23, 16
 
 
 def config(**overrides):
-  base = dict(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=32, d_mlp=32,
-              capacity_buckets=(0.25, 0.5, 1.0), segment_len=8, capacity_multiple=1)
+  base = dict(
+    vocab_size=VOCAB,
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    max_seq_len=32,
+    d_mlp=32,
+    capacity_buckets=(0.25, 0.5, 1.0),
+    segment_len=8,
+    capacity_multiple=1,
+  )
   base.update(overrides)
   return TGNConfig(**base)
 
@@ -29,8 +38,11 @@ def with_params(params, source=None, **values):
   """params with each leaf whose path holds a key of `values` (gate_head__out__bias for
   ['gate_head']['out']['bias']) set to that value, and with every other leaf taken from
   `source` (a pytree of another configuration, matched by path) where given."""
-  given = ({jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(source)}
-           if source is not None else {})
+  given = (
+    {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(source)}
+    if source is not None
+    else {}
+  )
 
   def leaf(path, x):
     name = jax.tree_util.keystr(path)
@@ -59,9 +71,12 @@ def test_thermostat_raises_lambda_above_target_and_lowers_it_below():
     np.testing.assert_allclose(down, lam * np.exp(-0.5 * 0.25), rtol=1e-6)
     np.testing.assert_allclose(same, lam, rtol=1e-6)
   # Larger gain, larger step; the step grows with the distance from the target.
-  assert float(thermostat(f32(1.0), f32(0.5), target, f32(1.0), floor)) > float(
-      thermostat(f32(1.0), f32(0.5), target, gain, floor)) > float(
-      thermostat(f32(1.0), f32(0.3), target, gain, floor)) > 1.0
+  assert (
+    float(thermostat(f32(1.0), f32(0.5), target, f32(1.0), floor))
+    > float(thermostat(f32(1.0), f32(0.5), target, gain, floor))
+    > float(thermostat(f32(1.0), f32(0.3), target, gain, floor))
+    > 1.0
+  )
 
 
 def test_thermostat_floor_keeps_lambda_alive():
@@ -99,7 +114,8 @@ def test_exploration_leaves_the_forward_pass_unchanged():
   plain_def, _ = functional.init(config(exploration=0.0, **kw), jax.random.key(0))
   toks, rng = tokens(1), jax.random.key(2)
   run = lambda model_def, capacity, stats="mean": functional.apply(
-      model_def, params, toks, rng=rng, stats=stats, capacity=capacity)
+    model_def, params, toks, rng=rng, stats=stats, capacity=capacity
+  )
   logits_e, aux_e = run(explore_def, 1.0)
   logits_p, aux_p = run(plain_def, 1.0)
   open_rate = np.asarray(aux_p.open_rate)
@@ -137,8 +153,7 @@ def test_exploration_gradient_is_unbiased():
 
   def gate_grad(model_def, rng):
     def loss(params):
-      logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None,
-                                     capacity=1.0)
+      logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None, capacity=1.0)
       return jnp.sum(logits * weights), aux
 
     grads, aux = jax.grad(loss, has_aux=True)(params)
@@ -160,7 +175,7 @@ def test_exploration_gradient_is_unbiased():
   # The squared error of the mean against its variance: about 1 when unbiased (~250 with
   # the 1/f weight dropped); a float32 rounding floor for components without variance.
   floor = 1e-5 * np.max(np.abs(exact))
-  ratio = np.sum((mean - exact) ** 2) / np.sum(var / num_keys + floor ** 2)
+  ratio = np.sum((mean - exact) ** 2) / np.sum(var / num_keys + floor**2)
   assert ratio < 5.0, ratio
   assert np.linalg.norm(mean - exact) < 0.15 * np.linalg.norm(exact)
 
@@ -179,8 +194,7 @@ def test_straight_through_gradient_is_the_soft_gates_near_saturation():
   @functools.partial(jax.jit, static_argnums=0)
   def gate_grad(model_def, params, rng):
     def loss(params):
-      logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None,
-                                     capacity=1.0)
+      logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None, capacity=1.0)
       return jnp.sum(logits * weights), aux
 
     grads, aux = jax.grad(loss, has_aux=True)(params)
@@ -195,8 +209,9 @@ def test_straight_through_gradient_is_the_soft_gates_near_saturation():
     for (path, h), s in zip(jax.tree_util.tree_leaves_with_path(hard), jax.tree.leaves(soft)):
       scale = float(jnp.max(jnp.abs(s)))
       assert scale > 0.0
-      np.testing.assert_allclose(h, s, rtol=1e-3, atol=1e-3 * scale,
-                                 err_msg=f"{bias} {jax.tree_util.keystr(path)}")
+      np.testing.assert_allclose(
+        h, s, rtol=1e-3, atol=1e-3 * scale, err_msg=f"{bias} {jax.tree_util.keystr(path)}"
+      )
 
 
 # ------------------------------------------------------------------------------ saturation
@@ -227,7 +242,9 @@ def test_saturated_soft_gate_equals_hard_gate(bias):
   np.testing.assert_allclose(logits_h, logits_f, rtol=1e-5, atol=1e-5 * scale)
   # The two forced forwards differ, so matching one of them says which channel was mixed in.
   other_def, other_params = functional.init(
-      config(gate="closed" if bias > 0 else "open"), jax.random.key(1))
-  logits_o, _ = functional.apply(other_def, with_params(other_params, source=params), toks,
-                                 stats=None)
+    config(gate="closed" if bias > 0 else "open"), jax.random.key(1)
+  )
+  logits_o, _ = functional.apply(
+    other_def, with_params(other_params, source=params), toks, stats=None
+  )
   assert not np.allclose(logits_o, logits_f, rtol=1e-3, atol=1e-3 * scale)

@@ -7,14 +7,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tgn_jax import TGNConfig, TGNLM, count_params, functional
+from tgn_jax import TGNLM, TGNConfig, count_params, functional
 
 VOCAB, SEQ = 23, 16
 
 
 def config(**overrides):
-  base = dict(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=32, d_mlp=32,
-              capacity_buckets=(0.25, 0.5, 1.0), segment_len=8, capacity_multiple=2)
+  base = dict(
+    vocab_size=VOCAB,
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    max_seq_len=32,
+    d_mlp=32,
+    capacity_buckets=(0.25, 0.5, 1.0),
+    segment_len=8,
+    capacity_multiple=2,
+  )
   base.update(overrides)
   return TGNConfig(**base)
 
@@ -23,9 +32,11 @@ def tokens(seed, batch=3, seq_len=SEQ):
   return jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, VOCAB)
 
 
-MODES = [dict(mixer="tgn", gate=g, recurrence=r) for g in ("hard", "soft", "open", "closed")
-         for r in ("mingru", "gru")] + [dict(mixer="attention"), dict(mixer="recurrent"),
-                                        dict(mixer="tgn", gate="hard", kv="open")]
+MODES = [
+  dict(mixer="tgn", gate=g, recurrence=r)
+  for g in ("hard", "soft", "open", "closed")
+  for r in ("mingru", "gru")
+] + [dict(mixer="attention"), dict(mixer="recurrent"), dict(mixer="tgn", gate="hard", kv="open")]
 
 
 def mode_id(mode):
@@ -35,19 +46,47 @@ def mode_id(mode):
 # ---------------------------------------------------------------------------- execution
 
 
-@pytest.mark.parametrize("bias, training, kv", [
-    (-0.5, False, "all"), (-0.5, True, "all"), (-3.0, False, "all"), (-3.0, True, "all"),
-    (30.0, False, "all"), (-0.5, False, "open"), (-0.5, True, "open"), (30.0, False, "open")],
-    ids=["random", "random-train", "all_closed", "all_closed-train", "all_open",
-         "kv_open-random", "kv_open-random-train", "kv_open-all_open"])
+@pytest.mark.parametrize(
+  "bias, training, kv",
+  [
+    (-0.5, False, "all"),
+    (-0.5, True, "all"),
+    (-3.0, False, "all"),
+    (-3.0, True, "all"),
+    (30.0, False, "all"),
+    (-0.5, False, "open"),
+    (-0.5, True, "open"),
+    (30.0, False, "open"),
+  ],
+  ids=[
+    "random",
+    "random-train",
+    "all_closed",
+    "all_closed-train",
+    "all_open",
+    "kv_open-random",
+    "kv_open-random-train",
+    "kv_open-all_open",
+  ],
+)
 def test_sparse_equals_dense_logits_and_gradients(bias, training, kv):
   """Routed at the smallest capacity that holds the busiest row (so that row's count is
   exactly the capacity), sparse execution equals dense; one slot less overflows and says so."""
-  kw = dict(gate="hard", gate_bias_init=bias, exploration=0.5 if training else 0.0,
-            exploration_floor=0.25, gate_sampling=training and bias > -3, capacity_multiple=1,
-            kv=kv)
-  sparse_def, params = functional.init(config(attention_execution="sparse", **kw), jax.random.key(0))
-  dense_def, dense_params = functional.init(config(attention_execution="dense", **kw), jax.random.key(0))
+  kw = dict(
+    gate="hard",
+    gate_bias_init=bias,
+    exploration=0.5 if training else 0.0,
+    exploration_floor=0.25,
+    gate_sampling=training and bias > -3,
+    capacity_multiple=1,
+    kv=kv,
+  )
+  sparse_def, params = functional.init(
+    config(attention_execution="sparse", **kw), jax.random.key(0)
+  )
+  dense_def, dense_params = functional.init(
+    config(attention_execution="dense", **kw), jax.random.key(0)
+  )
   jax.tree.map(np.testing.assert_array_equal, params, dense_params)
   toks = tokens(1)
   rng = jax.random.key(2) if training else None
@@ -55,8 +94,7 @@ def test_sparse_equals_dense_logits_and_gradients(bias, training, kv):
   penalty = 1.0 if bias > -3 else 0.0  # closed cases: only the mix's straight-through gradient
 
   def loss(params, model_def, capacity):
-    logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None,
-                                   capacity=capacity)
+    logits, aux = functional.apply(model_def, params, toks, rng=rng, stats=None, capacity=capacity)
     return jnp.sum(logits * weights) + penalty * jnp.sum(aux.gate_prob), (logits, aux)
 
   grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
@@ -90,9 +128,13 @@ def test_sparse_equals_dense_logits_and_gradients(bias, training, kv):
     (_, (logits_o, aux_o)), grads_o = grad(params, sparse_def, needed - 1 / segment)
     assert bool(aux_o.overflow)
     # A token left out changes the logits (open) or the gate's gradient (explored).
-    assert not (np.allclose(logits_o, logits_d, rtol=1e-5, atol=1e-5 * scale) and all(
+    assert not (
+      np.allclose(logits_o, logits_d, rtol=1e-5, atol=1e-5 * scale)
+      and all(
         np.allclose(go, gd, rtol=1e-4, atol=1e-4)
-        for go, gd in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads_d))))
+        for go, gd in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads_d))
+      )
+    )
 
 
 def test_pallas_kernel_in_the_model_equals_xla():
@@ -100,8 +142,9 @@ def test_pallas_kernel_in_the_model_equals_xla():
   logits and gradients, and decodes as its own forward pass does."""
   kw = dict(gate_bias_init=-0.5, capacity_multiple=1)
   model_def, params = functional.init(config(attention_impl="pallas", **kw), jax.random.key(0))
-  xla_def, _ = functional.init(config(attention_impl="xla", attention_execution="dense", **kw),
-                               jax.random.key(0))
+  xla_def, _ = functional.init(
+    config(attention_impl="xla", attention_execution="dense", **kw), jax.random.key(0)
+  )
   toks = tokens(1)
   weights = jax.random.normal(jax.random.key(3), (3, SEQ, VOCAB))
 
@@ -127,8 +170,10 @@ def test_eager_call_redoes_an_overflowing_capacity():
   """Called eagerly, the model routes at the smallest capacity bucket that holds the tokens:
   after a call that overflows it recomputes, so the result always equals dense execution."""
   from tgn_jax.nn import model as model_module
-  cfg = config(gate_bias_init=0.0, capacity_buckets=(0.125, 0.25, 0.5, 0.75, 1.0),
-               capacity_multiple=1)
+
+  cfg = config(
+    gate_bias_init=0.0, capacity_buckets=(0.125, 0.25, 0.5, 0.75, 1.0), capacity_multiple=1
+  )
   model = TGNLM(cfg, rngs=nnx.Rngs(5))
   dense_def = nnx.graphdef(TGNLM(cfg.replace(attention_execution="dense"), rngs=nnx.Rngs(0)))
   dense = lambda t: functional.apply(dense_def, nnx.state(model), t, stats=None)[0]
@@ -138,8 +183,9 @@ def test_eager_call_redoes_an_overflowing_capacity():
     logits, aux = model(few, stats=None)
     assert not bool(aux.overflow)
     np.testing.assert_allclose(logits, dense(few), rtol=1e-5, atol=1e-5)
-  ladder = next(v for k, v in model_module._LADDERS.items()
-                if k[1] == few.shape and k[0] == nnx.graphdef(model))
+  ladder = next(
+    v for k, v in model_module._LADDERS.items() if k[1] == few.shape and k[0] == nnx.graphdef(model)
+  )
   small = ladder.current
   assert small < 1.0
   model.blocks.gate_head.out.bias[...] = jnp.full((2, 1), 3.0)  # now most gates open
@@ -153,8 +199,10 @@ def test_eager_call_redoes_an_overflowing_capacity():
 def test_prefill_never_keeps_an_overflow():
   """A prefill at an explicit capacity too small for the prompt is redone (its cache is
   kept, so nothing may be left out); under a transformation such a capacity is refused."""
-  model = TGNLM(config(gate_bias_init=3.0, capacity_multiple=1, max_seq_len=64,
-                       segment_len=64), rngs=nnx.Rngs(6))
+  model = TGNLM(
+    config(gate_bias_init=3.0, capacity_multiple=1, max_seq_len=64, segment_len=64),
+    rngs=nnx.Rngs(6),
+  )
   prompt = tokens(41, batch=2, seq_len=48)
   exact, exact_cache = model.prefill(prompt, 50, capacity=1.0)
   small, small_cache = model.prefill(prompt, 50, capacity=0.125)
@@ -166,15 +214,15 @@ def test_prefill_never_keeps_an_overflow():
 
 
 def test_compiled_training_gradient_and_generate_hold_no_conditional():
-  cfg = config(n_layers=3, max_seq_len=64, segment_len=16, capacity_multiple=4,
-               gate_bias_init=0.0)
+  cfg = config(n_layers=3, max_seq_len=64, segment_len=16, capacity_multiple=4, gate_bias_init=0.0)
   model_def, params = functional.init(cfg, jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (2, 48), 0, VOCAB)  # three segments
 
   def loss(params):
-    logits, aux = functional.apply(model_def, params, toks, rng=jax.random.key(2), stats=None,
-                                   capacity=0.5)
-    return jnp.mean(logits ** 2) + jnp.mean(aux.gate_prob)
+    logits, aux = functional.apply(
+      model_def, params, toks, rng=jax.random.key(2), stats=None, capacity=0.5
+    )
+    return jnp.mean(logits**2) + jnp.mean(aux.gate_prob)
 
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   assert hlo.count(" conditional(") == 0
@@ -182,6 +230,7 @@ def test_compiled_training_gradient_and_generate_hold_no_conditional():
   hlo = generate.lower(params, toks[:, :20]).compile().as_text()
   assert hlo.count(" conditional(") == 0
   from tgn_jax.nn import model as model_module  # a routed prefill, as eager calls run it
+
   graph_def, state = nnx.split(nnx.merge(model_def, params))
   hlo = model_module._prefill.lower(graph_def, state, toks, 60, 0.5).compile().as_text()
   assert hlo.count(" conditional(") == 0 and "gather" in hlo
@@ -192,26 +241,34 @@ def test_compiled_training_gradient_and_generate_hold_no_conditional():
 
 @pytest.mark.parametrize("mode", MODES, ids=mode_id)
 def test_causality(mode):
-  model = TGNLM(config(gate_bias_init=0.0, exploration=0.3, gate_sampling=True, **mode),
-                rngs=nnx.Rngs(0))
+  model = TGNLM(
+    config(gate_bias_init=0.0, exploration=0.3, gate_sampling=True, **mode), rngs=nnx.Rngs(0)
+  )
   forward = jax.jit(lambda t: model(t, rng=jax.random.key(7), stats=None)[0])
   base = tokens(6)
   logits = forward(base)
   for t in (0, 5, SEQ - 2):
-    changed = base.at[:, t + 1:].set((base[:, t + 1:] + 1 + t) % VOCAB)
+    changed = base.at[:, t + 1 :].set((base[:, t + 1 :] + 1 + t) % VOCAB)
     other = forward(changed)
-    np.testing.assert_allclose(other[:, :t + 1], logits[:, :t + 1], rtol=1e-5, atol=1e-5)
-    assert not np.allclose(other[:, t + 1:], logits[:, t + 1:])
+    np.testing.assert_allclose(other[:, : t + 1], logits[:, : t + 1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(other[:, t + 1 :], logits[:, t + 1 :])
 
 
 # ---------------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize("mode", [dict(mixer="tgn", gate="hard", recurrence="mingru"),
-                                  dict(mixer="tgn", gate="hard", recurrence="gru"),
-                                  dict(mixer="tgn", gate="hard", recurrence="mingru", kv="open"),
-                                  dict(mixer="tgn", gate="soft", recurrence="mingru"),
-                                  dict(mixer="attention"), dict(mixer="recurrent")], ids=mode_id)
+@pytest.mark.parametrize(
+  "mode",
+  [
+    dict(mixer="tgn", gate="hard", recurrence="mingru"),
+    dict(mixer="tgn", gate="hard", recurrence="gru"),
+    dict(mixer="tgn", gate="hard", recurrence="mingru", kv="open"),
+    dict(mixer="tgn", gate="soft", recurrence="mingru"),
+    dict(mixer="attention"),
+    dict(mixer="recurrent"),
+  ],
+  ids=mode_id,
+)
 def test_greedy_generate_equals_iterated_forward(mode):
   """Each decoding step's logits equal the full forward pass's at that position, and the
   greedy tokens follow; with the hard gate, some steps mix open and closed rows."""
@@ -226,13 +283,13 @@ def test_greedy_generate_equals_iterated_forward(mode):
   # One forward pass over the generated sequence (causality makes the last token harmless).
   full, aux = model(generated, stats=None)
   scale = float(jnp.max(jnp.abs(full)))
-  np.testing.assert_allclose(logits, full[:, prompt_len - 1:-1], rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(logits, full[:, prompt_len - 1 : -1], rtol=1e-5, atol=1e-5 * scale)
   if mode.get("gate") == "hard":
     logits_BV, cache = model.prefill(prompt, prompt_len + new)
     decoded = model.decode(cache, logits_BV, prompt_len, new)
     np.testing.assert_array_equal(decoded.tokens, generated[:, prompt_len:])
     is_open = np.asarray(decoded.is_open[:, :, 1:])  # [L, B, steps]: the decoding steps' own
-    np.testing.assert_array_equal(is_open, np.asarray(aux.is_open[:, :, prompt_len + 1:]))
+    np.testing.assert_array_equal(is_open, np.asarray(aux.is_open[:, :, prompt_len + 1 :]))
     mixed = is_open.any(axis=1) & ~is_open.all(axis=1)
     assert mixed.any(), "no decoding step had open and closed rows together"
 
@@ -240,8 +297,10 @@ def test_greedy_generate_equals_iterated_forward(mode):
 def test_kv_open_cache_holds_open_tokens_only():
   """With kv="open" a prefilled cache holds the prompt's open tokens (in the routing
   capacity) plus a slot per token to come; its positions are theirs."""
-  model = TGNLM(config(kv="open", gate_bias_init=-0.5, max_seq_len=64, segment_len=64,
-                       capacity_multiple=1), rngs=nnx.Rngs(2))
+  model = TGNLM(
+    config(kv="open", gate_bias_init=-0.5, max_seq_len=64, segment_len=64, capacity_multiple=1),
+    rngs=nnx.Rngs(2),
+  )
   prompt = tokens(40, batch=3, seq_len=48)
   _, aux = model(prompt, stats=None, capacity=1.0)
   capacity = float(aux.capacity_needed)  # the busiest row's open tokens, exactly
@@ -253,7 +312,9 @@ def test_kv_open_cache_holds_open_tokens_only():
     np.testing.assert_array_equal(c.count, counts)
     assert c.k.shape[1] < 56 and c.k.shape[1] >= counts.max() + 8
     for row in range(3):
-      np.testing.assert_array_equal(c.positions[row, :counts[row]], np.flatnonzero(is_open[layer, row]))
+      np.testing.assert_array_equal(
+        c.positions[row, : counts[row]], np.flatnonzero(is_open[layer, row])
+      )
 
 
 def test_decoding_advances_one_position_per_step():
@@ -282,8 +343,9 @@ def test_decoding_continues_from_the_returned_cache():
   first = model.decode(cache, logits, 6, 4)
   second = model.decode(first.cache, first.next_logits, 10, 5)
   np.testing.assert_array_equal(jnp.concatenate([first.tokens, second.tokens], 1), whole.tokens)
-  np.testing.assert_allclose(jnp.concatenate([first.logits, second.logits], 1), whole.logits,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jnp.concatenate([first.logits, second.logits], 1), whole.logits, rtol=1e-5, atol=1e-5
+  )
   assert whole.is_open.shape == (2, 3, 9)
   with pytest.raises(ValueError, match="exceeds the cache"):
     model.decode(second.cache, second.next_logits, 15, 1)
@@ -317,7 +379,10 @@ def test_functional_apply_under_jit_grad_vmap():
 
   def loss(params, toks):
     logits, _ = functional.apply(model_def, params, toks, stats=None)
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, toks[..., None], -1)[..., 0])
+    return jnp.mean(
+      jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, toks[..., None], -1)[..., 0]
+    )
+
   grads = jax.jit(jax.grad(loss))(params, toks)
   assert jax.tree.structure(grads) == jax.tree.structure(params)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
@@ -342,7 +407,8 @@ def test_bfloat16_forward_and_grad_finite(mode):
 
   def loss(params):
     logits, aux = functional.apply(model_def, params, toks, rng=jax.random.key(0))
-    return jnp.mean(logits ** 2), (logits, aux)
+    return jnp.mean(logits**2), (logits, aux)
+
   grads, (logits, aux) = jax.jit(jax.grad(loss, has_aux=True))(params)
   assert logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
@@ -367,14 +433,17 @@ def test_aux_shapes_and_stat_means():
   token = np.asarray(aux.token_stats.specific_heat)
   assert np.all(np.isnan(token[~is_open]))  # not computed: no value pretends otherwise
   for layer in range(2):
-    np.testing.assert_allclose(aux.stats.specific_heat[layer], token[layer][is_open[layer]].mean(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      aux.stats.specific_heat[layer], token[layer][is_open[layer]].mean(), rtol=1e-5
+    )
   _, aux_none = model(tokens(14), stats=None)
   assert aux_none.stats is None and aux_none.token_stats is None
 
 
 def test_learned_temperature_is_trained():
-  model_def, params = functional.init(config(temperature="learned", mixer="attention"), jax.random.key(7))
+  model_def, params = functional.init(
+    config(temperature="learned", mixer="attention"), jax.random.key(7)
+  )
   grads = jax.grad(lambda p: jnp.mean(functional.apply(model_def, p, tokens(15))[0] ** 2))(params)
   assert float(jnp.min(jnp.abs(grads["blocks"]["attention"]["log_temperature"][...]))) > 0
 
@@ -385,7 +454,12 @@ def test_count_params_matches_module_sizes():
   block_common = 2 * d + 2 * d * mlp  # two norms + MLP (no biases)
   expected_transformer = vocab * d + d + n_layers * (block_common + attention)
   assert count_params(config(mixer="attention")) == expected_transformer
-  gate = d * (d // 4 if d // 4 >= 8 else 8) + (d // 4 if d // 4 >= 8 else 8) + (8 if d // 4 < 8 else d // 4) + 1
+  gate = (
+    d * (d // 4 if d // 4 >= 8 else 8)
+    + (d // 4 if d // 4 >= 8 else 8)
+    + (8 if d // 4 < 8 else d // 4)
+    + 1
+  )
   mingru = d * 2 * d + 2 * d
   assert count_params(config()) == expected_transformer + n_layers * (mingru + gate)
   model = TGNLM(config(), rngs=nnx.Rngs(0))
@@ -395,7 +469,9 @@ def test_count_params_matches_module_sizes():
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     (dict(d_model=30, n_heads=4), "d_model .* divisible by n_heads"),
     (dict(d_model=0), "d_model must be a positive integer"),
     (dict(n_layers=-1), "n_layers must be a positive integer"),
@@ -413,18 +489,22 @@ def test_count_params_matches_module_sizes():
     (dict(dtype="float8"), "dtype must be one of"),
     (dict(capacity_buckets=(0.5, 0.25, 1.0)), "capacity_buckets"),
     (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
-])
+  ],
+)
 def test_config_validation(overrides, match):
   with pytest.raises(ValueError, match=match):
     config(**overrides)
 
 
-@pytest.mark.parametrize("bad, error, match", [
+@pytest.mark.parametrize(
+  "bad, error, match",
+  [
     (jnp.zeros((3,), jnp.int32), ValueError, r"tokens must be an int array \[B, T\]"),
     (jnp.zeros((2, 4), jnp.float32), TypeError, "integer token ids"),
     (jnp.zeros((2, 40), jnp.int32), ValueError, "exceeds max_seq_len"),
     (jnp.full((2, 4), VOCAB), ValueError, r"must lie in \[0, vocab_size"),
-])
+  ],
+)
 def test_bad_tokens(bad, error, match):
   model = TGNLM(config(), rngs=nnx.Rngs(0))
   with pytest.raises(error, match=match):
@@ -437,10 +517,22 @@ def test_bad_tokens(bad, error, match):
 def test_sparse_equals_dense_bf16_cudnn_on_gpu():
   """Routed through cuDNN (per-row query lengths beside the position mask) at the capacity
   the ladder picks, and one that overflows: values and gradients as dense execution."""
-  kw = dict(vocab_size=256, d_model=256, n_heads=4, n_layers=2, max_seq_len=1024, d_mlp=512,
-            gate="hard", gate_bias_init=-0.5, dtype="bfloat16", attention_impl="cudnn",
-            segment_len=512)
-  sparse_def, params = functional.init(TGNConfig(attention_execution="sparse", **kw), jax.random.key(0))
+  kw = dict(
+    vocab_size=256,
+    d_model=256,
+    n_heads=4,
+    n_layers=2,
+    max_seq_len=1024,
+    d_mlp=512,
+    gate="hard",
+    gate_bias_init=-0.5,
+    dtype="bfloat16",
+    attention_impl="cudnn",
+    segment_len=512,
+  )
+  sparse_def, params = functional.init(
+    TGNConfig(attention_execution="sparse", **kw), jax.random.key(0)
+  )
   dense_def, _ = functional.init(TGNConfig(attention_execution="dense", **kw), jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (2, 1024), 0, 256)
 
@@ -491,8 +583,9 @@ def test_module_call_goes_through_functional_with_one_split(monkeypatch):
 
 
 def test_given_gate_replaces_the_learned_decision():
-  config = TGNConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
-                     gate_bias_init=0.3)
+  config = TGNConfig(
+    vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, gate_bias_init=0.3
+  )
   model_def, params = functional.init(config, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 16)
   logits, aux = functional.apply(model_def, params, tokens, capacity=1.0)
@@ -508,8 +601,9 @@ def test_given_gate_replaces_the_learned_decision():
 
 
 def test_gate_reading_the_block_input_is_causal():
-  config = TGNConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
-                     gate_input="both")
+  config = TGNConfig(
+    vocab_size=16, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, gate_input="both"
+  )
   model_def, params = functional.init(config, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (1, 8), 0, 16)
   changed = tokens.at[0, 5].set((tokens[0, 5] + 1) % 16)

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference import gru_reference_np, sigmoid
 
 from tgn_jax import TGNConfig
 from tgn_jax.nn.recurrence import GRU, MinGRU
 from tgn_jax.ops import recurrence as rec
-from reference import gru_reference_np, sigmoid
 
 
 def randn(seed, *shape):
@@ -54,8 +54,7 @@ class JitAndEagerTest(chex.TestCase):
     x_proj, w_hh, b_hh = randn(7, 2, 20, 3 * d), 0.5 * randn(8, d, 3 * d), randn(9, 3 * d)
     h0 = randn(10, 2, d)
     out = self.variant(rec.gru)(x_proj, w_hh, b_hh, h0)
-    np.testing.assert_allclose(out, gru_reference_np(x_proj, w_hh, b_hh, h0), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(out, gru_reference_np(x_proj, w_hh, b_hh, h0), rtol=1e-5, atol=1e-5)
     step = self.variant(rec.gru_step)
     h = h0
     for t in range(20):
@@ -67,8 +66,9 @@ def test_min_gru_bfloat16_inputs_accumulate_in_float32():
   gate, cand = randn(5, 2, 64, 8), randn(6, 2, 64, 8)
   out = rec.min_gru(gate.astype(jnp.bfloat16), cand.astype(jnp.bfloat16))
   assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
-  ref = rec.min_gru(gate.astype(jnp.bfloat16).astype(jnp.float32),
-                    cand.astype(jnp.bfloat16).astype(jnp.float32))
+  ref = rec.min_gru(
+    gate.astype(jnp.bfloat16).astype(jnp.float32), cand.astype(jnp.bfloat16).astype(jnp.float32)
+  )
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -83,7 +83,7 @@ def test_modules_one_token_at_a_time_equals_full_scan():
     np.testing.assert_array_equal(last, full[:, -1])
     h = None
     for t in range(15):
-      out, h = module(x[:, t:t + 1], h)
+      out, h = module(x[:, t : t + 1], h)
       np.testing.assert_allclose(out[:, 0], full[:, t], rtol=1e-5, atol=1e-5, err_msg=cls.__name__)
     first, h = module(x[:, :6])
     rest, _ = module(x[:, 6:], h)
@@ -93,25 +93,42 @@ def test_modules_one_token_at_a_time_equals_full_scan():
 def test_gru_init_follows_torch_bounds():
   module = GRU(TGNConfig(vocab_size=10, d_model=16, n_heads=2), rngs=nnx.Rngs(0))
   bound = 1 / np.sqrt(16)
-  for p in (module.w_hh[...], module.b_hh[...], module.in_proj.kernel[...], module.in_proj.bias[...]):
+  for p in (
+    module.w_hh[...],
+    module.b_hh[...],
+    module.in_proj.kernel[...],
+    module.in_proj.bias[...],
+  ):
     assert float(jnp.max(jnp.abs(p))) <= bound and float(jnp.std(p)) > bound / 3
 
 
 # Each op called with one argument of the wrong shape (x is a good [B, T, D] = [2, 5, 4]).
 BAD_CALLS = {
-    "linear_recurrence": (lambda x: rec.linear_recurrence(x, x[:, :3]),
-                          r"linear_recurrence: a and b must have one shape"),
-    "min_gru_rank": (lambda x: rec.min_gru(x[0], x[0]),
-                     r"min_gru: gate_logits and candidate must be \[B, T, D\]"),
-    "min_gru_h0": (lambda x: rec.min_gru(x, x, jnp.zeros((2, 3))), r"min_gru: h0 must be \[B, D\]"),
-    "min_gru_step": (lambda x: rec.min_gru_step(x[:, 0], x[:, 0], x[:, 0, :3]),
-                     r"min_gru_step: gate_logits, candidate and h must all be \[B, D\]"),
-    "gru_x_proj": (lambda x: rec.gru(x, jnp.zeros((4, 12)), jnp.zeros(12)),
-                   r"gru: x_proj must be \[B, T, 3D\]"),
-    "gru_w_hh": (lambda x: rec.gru(jnp.zeros((2, 5, 12)), jnp.zeros((12, 4)), jnp.zeros(12)),
-                 r"gru: w_hh must be \[D, 3D\]"),
-    "gru_step_b_hh": (lambda x: rec.gru_step(jnp.zeros((2, 12)), jnp.zeros((4, 12)), jnp.zeros(4),
-                                             x[:, 0]), r"gru_step: b_hh must be \[3D\]"),
+  "linear_recurrence": (
+    lambda x: rec.linear_recurrence(x, x[:, :3]),
+    r"linear_recurrence: a and b must have one shape",
+  ),
+  "min_gru_rank": (
+    lambda x: rec.min_gru(x[0], x[0]),
+    r"min_gru: gate_logits and candidate must be \[B, T, D\]",
+  ),
+  "min_gru_h0": (lambda x: rec.min_gru(x, x, jnp.zeros((2, 3))), r"min_gru: h0 must be \[B, D\]"),
+  "min_gru_step": (
+    lambda x: rec.min_gru_step(x[:, 0], x[:, 0], x[:, 0, :3]),
+    r"min_gru_step: gate_logits, candidate and h must all be \[B, D\]",
+  ),
+  "gru_x_proj": (
+    lambda x: rec.gru(x, jnp.zeros((4, 12)), jnp.zeros(12)),
+    r"gru: x_proj must be \[B, T, 3D\]",
+  ),
+  "gru_w_hh": (
+    lambda x: rec.gru(jnp.zeros((2, 5, 12)), jnp.zeros((12, 4)), jnp.zeros(12)),
+    r"gru: w_hh must be \[D, 3D\]",
+  ),
+  "gru_step_b_hh": (
+    lambda x: rec.gru_step(jnp.zeros((2, 12)), jnp.zeros((4, 12)), jnp.zeros(4), x[:, 0]),
+    r"gru_step: b_hh must be \[3D\]",
+  ),
 }
 
 

@@ -23,14 +23,27 @@ from tgn_jax.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 # d_model 64: the MLP and recurrence weights are large enough to be sharded.
-RUN = ["--steps=8", "--batch_size=16", "--d_model=64", "--eval_examples=64", "--log_every=4",
-       "--eval_every=8", "--checkpoint_every=4", "--soft_warmup=4", "--lam_warmup=4",
-       "--no-progress", "--no-plots"]
+RUN = [
+  "--steps=8",
+  "--batch_size=16",
+  "--d_model=64",
+  "--eval_examples=64",
+  "--log_every=4",
+  "--eval_every=8",
+  "--checkpoint_every=4",
+  "--soft_warmup=4",
+  "--lam_warmup=4",
+  "--no-progress",
+  "--no-plots",
+]
 
 
 def records(run_dir, kind="train"):
-  return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-          if r.get("kind") == kind]
+  return [
+    r
+    for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    if r.get("kind") == kind
+  ]
 
 
 def summary(run_dir):
@@ -38,14 +51,24 @@ def summary(run_dir):
 
 
 def train_py(args, devices=1, **popen):
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                    f" --xla_force_host_platform_device_count={devices}"))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    ),
+  )
   # A multi-device CPU executable loaded from the persistent compilation cache can hang in
   # its collectives (jax 0.10.2): these runs compile afresh.
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-  return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+  return subprocess.Popen(
+    [sys.executable, str(ROOT / "train.py"), *args],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **popen,
+  )
 
 
 def finished(process, timeout=300):
@@ -68,8 +91,9 @@ def assert_same_losses(a, b, rtol=1e-4):
   np.testing.assert_allclose(ea["eval_ce"], eb["eval_ce"], rtol=rtol)
 
 
-@pytest.mark.parametrize("mesh, held", [("data:8,fsdp:1", 1.0), ("data:4,fsdp:2", 0.65),
-                                        ("data:1,fsdp:8", 0.35)])
+@pytest.mark.parametrize(
+  "mesh, held", [("data:8,fsdp:1", 1.0), ("data:4,fsdp:2", 0.65), ("data:1,fsdp:8", 0.35)]
+)
 def test_meshes_train_as_one_device_does(tmp_path, one_device, mesh, held):
   code, _, err = finished(train_py(RUN + [f"--mesh={mesh}", f"--out={tmp_path / 'run'}"], 8))
   assert code == 0, err
@@ -86,11 +110,18 @@ def test_meshes_train_as_one_device_does(tmp_path, one_device, mesh, held):
 
 def test_checkpoint_saved_on_8_devices_resumes_on_2(tmp_path, one_device):
   split = tmp_path / "split"
-  code, _, err = finished(train_py(RUN[:0] + [a for a in RUN if a != "--steps=8"]
-                                   + ["--steps=4", "--mesh=data:4,fsdp:2", f"--out={split}"], 8))
+  code, _, err = finished(
+    train_py(
+      RUN[:0]
+      + [a for a in RUN if a != "--steps=8"]
+      + ["--steps=4", "--mesh=data:4,fsdp:2", f"--out={split}"],
+      8,
+    )
+  )
   assert code == 0, err
-  code, _, err = finished(train_py([f"--out={split}", "--resume", "--steps=8",
-                                    "--mesh=data:1,fsdp:2"], 2))
+  code, _, err = finished(
+    train_py([f"--out={split}", "--resume", "--steps=8", "--mesh=data:1,fsdp:2"], 2)
+  )
   assert code == 0, err
   assert summary(split)["mesh"]["devices"] == 2
   assert_same_losses(split, one_device)
@@ -101,8 +132,19 @@ def test_two_processes_train_as_one_does(tmp_path, one_device):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   out = tmp_path / "run"
-  processes = [train_py(RUN + [f"--out={out}", f"--coordinator=localhost:{port}",
-                               "--num_processes=2", f"--process_id={i}"], 2) for i in range(2)]
+  processes = [
+    train_py(
+      RUN
+      + [
+        f"--out={out}",
+        f"--coordinator=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      2,
+    )
+    for i in range(2)
+  ]
   results = [finished(p) for p in processes]
   for code, _, err in results:
     assert code == 0, err
@@ -114,8 +156,10 @@ def test_two_processes_train_as_one_does(tmp_path, one_device):
 def test_each_process_builds_only_its_rows():
   """Rows of a batch split any way between processes make the same global batch."""
   whole = mqar_batch(0, 3, 16, seq_len=32, num_kv=4, vocab_size=64)
-  halves = [mqar_batch(0, 3, 16, seq_len=32, num_kv=4, vocab_size=64, rows=r)
-            for r in (range(0, 5), range(5, 16))]
+  halves = [
+    mqar_batch(0, 3, 16, seq_len=32, num_kv=4, vocab_size=64, rows=r)
+    for r in (range(0, 5), range(5, 16))
+  ]
   for part, full in zip(zip(*halves), whole):
     np.testing.assert_array_equal(np.concatenate(part), full)
   mesh = sharding.MeshSpec().build()
@@ -123,10 +167,12 @@ def test_each_process_builds_only_its_rows():
 
 
 def test_mesh_flags_are_checked(tmp_path, capsys):
-  for args, message in [(["--mesh=data:3"], "needs 3 devices, there are 1"),
-                        (["--mesh=model:2"], "--mesh must look like data:D,fsdp:F"),
-                        (["--coordinator=localhost:1"], "go together"),
-                        (["--num_processes=2", "--process_id=2"], "--process_id must be in")]:
+  for args, message in [
+    (["--mesh=data:3"], "needs 3 devices, there are 1"),
+    (["--mesh=model:2"], "--mesh must look like data:D,fsdp:F"),
+    (["--coordinator=localhost:1"], "go together"),
+    (["--num_processes=2", "--process_id=2"], "--process_id must be in"),
+  ]:
     assert cli.main(args + [f"--out={tmp_path / 'x'}", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
@@ -205,9 +251,11 @@ def test_parameters_of_another_configuration_are_named():
   config = TGNConfig(vocab_size=23, d_model=16, n_heads=2)
   model_def, _ = functional.init(config, jax.random.key(0))
   tokens = jnp.zeros((1, 8), jnp.int32)
-  for other, match in [(config.replace(d_model=32), r"parameter .*kv_proj.*kernel.* has shape"),
-                       (config.replace(vocab_size=40), r"parameter .*embed.* has shape"),
-                       (config.replace(mixer="attention"), r"parameter .*gate_head.* is missing")]:
+  for other, match in [
+    (config.replace(d_model=32), r"parameter .*kv_proj.*kernel.* has shape"),
+    (config.replace(vocab_size=40), r"parameter .*embed.* has shape"),
+    (config.replace(mixer="attention"), r"parameter .*gate_head.* is missing"),
+  ]:
     _, params = functional.init(other, jax.random.key(0))
     with pytest.raises(ValueError, match=match):
       functional.apply(model_def, params, tokens)
@@ -222,6 +270,7 @@ def test_resume_with_other_model_options_keeps_the_checkpoints(saved_run, tmp_pa
   assert cli.main([f"--out={saved_run}", "--resume", f"--config={other}"]) == 2
   assert "--d_model cannot change on --resume" in capsys.readouterr().err
   from tgn_jax.training.config import resolve
+
   stored = json.loads((saved_run / "config.json").read_text())
   config = resolve({"resume": True, "d_model": 32}, base=stored)
   run, task, mesh = loop.prepare(config)
@@ -235,14 +284,28 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
   logging step), save one checkpoint and exit 128 + 15."""
   import signal
   import time
+
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   out = tmp_path / "run"
   args = [a for a in RUN if not a.startswith(("--steps", "--log_every", "--checkpoint_every"))]
-  processes = [train_py(args + ["--steps=400", "--log_every=2", "--checkpoint_every=1000",
-                                f"--out={out}", f"--coordinator=localhost:{port}",
-                                "--num_processes=2", f"--process_id={i}"], 2) for i in range(2)]
+  processes = [
+    train_py(
+      args
+      + [
+        "--steps=400",
+        "--log_every=2",
+        "--checkpoint_every=1000",
+        f"--out={out}",
+        f"--coordinator=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      2,
+    )
+    for i in range(2)
+  ]
   deadline = time.time() + 240
   while not (out / "metrics.jsonl").exists() and time.time() < deadline:
     time.sleep(0.5)

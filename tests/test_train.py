@@ -15,9 +15,17 @@ from tgn_jax.training import cli, loop
 from tgn_jax.training.config import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--batch_size=16", "--d_model=32", "--eval_examples=64", "--log_every=5",
-        "--eval_every=25", "--checkpoint_every=25", "--soft_warmup=0", "--no-progress",
-        "--no-plots"]
+TINY = [
+  "--batch_size=16",
+  "--d_model=32",
+  "--eval_examples=64",
+  "--log_every=5",
+  "--eval_every=25",
+  "--checkpoint_every=25",
+  "--soft_warmup=0",
+  "--no-progress",
+  "--no-plots",
+]
 
 
 def records(run_dir, kind):
@@ -49,11 +57,23 @@ def mqar_run(tmp_path_factory):
   execution, not compilation, dominates.
   """
   out = tmp_path_factory.mktemp("mqar") / "run"
-  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
-      "--xla_backend_optimization_level=0", ""))
+  env = dict(
+    os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "")
+  )
   result = subprocess.run(
-      [sys.executable, str(ROOT / "train.py"), "--steps=400", "--eval_every=100",
-       "--no-progress", f"--out={out}"], capture_output=True, text=True, env=env, timeout=600)
+    [
+      sys.executable,
+      str(ROOT / "train.py"),
+      "--steps=400",
+      "--eval_every=100",
+      "--no-progress",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr
   return out, result.stdout
 
@@ -114,8 +134,10 @@ def interrupt_at(monkeypatch, step):
       if s == step:
         os.kill(os.getpid(), signal.SIGINT)
       return fetch(s, rows)
+
     task.train_batch = train_batch
     return task
+
   monkeypatch.setattr(loop, "make_task", patched)
 
 
@@ -156,10 +178,17 @@ def test_routed_run_resumes_exactly_and_matches_dense_execution(tmp_path, monkey
   """Sequences long enough to route (capacity below the segment): the run picks its
   capacities on the host, redoes any overflowing step, resumes exactly, and trains as
   dense execution does (up to rounding)."""
-  args = TINY + ["--steps=40", "--seq_len=64", "--vocab_size=128", "--segment_len=32",
-                 "--capacity_multiple=4",
-                 "--checkpoint_every=1000", "--lam_warmup=10", "--target_rate=0.1",
-                 "--gate_bias_init=-1.5"]
+  args = TINY + [
+    "--steps=40",
+    "--seq_len=64",
+    "--vocab_size=128",
+    "--segment_len=32",
+    "--capacity_multiple=4",
+    "--checkpoint_every=1000",
+    "--lam_warmup=10",
+    "--target_rate=0.1",
+    "--gate_bias_init=-1.5",
+  ]
   whole, split, dense = tmp_path / "whole", tmp_path / "split", tmp_path / "dense"
   assert run_main(args + [f"--out={whole}"], capsys)[0] == 0
   with monkeypatch.context() as m:
@@ -180,8 +209,15 @@ def test_routed_run_resumes_exactly_and_matches_dense_execution(tmp_path, monkey
 def test_kv_open_run_learns(tmp_path, capsys):
   """kv="open" (closed tokens write no key/value) trains on MQAR far above chance."""
   out = tmp_path / "run"
-  args = ["--kv=open", "--steps=250", "--eval_every=250", "--eval_examples=256",
-          "--no-progress", "--no-plots", f"--out={out}"]
+  args = [
+    "--kv=open",
+    "--steps=250",
+    "--eval_every=250",
+    "--eval_examples=256",
+    "--no-progress",
+    "--no-plots",
+    f"--out={out}",
+  ]
   assert run_main(args, capsys)[0] == 0
   final = summary(out)["final"]
   assert final["eval_accuracy"] > 10 / 32, final  # chance: one of 32 values
@@ -189,10 +225,21 @@ def test_kv_open_run_learns(tmp_path, capsys):
 
 def test_overflowing_step_changes_nothing_and_is_redone():
   import jax
+
   from tgn_jax.ops.gate import CapacityLadder
   from tgn_jax.training import steps
-  config = resolve(dict(seq_len=64, segment_len=64, capacity_multiple=1, d_model=32,
-                        batch_size=4, gate_bias_init=2.0, warmup_steps=0))
+
+  config = resolve(
+    dict(
+      seq_len=64,
+      segment_len=64,
+      capacity_multiple=1,
+      d_model=32,
+      batch_size=4,
+      gate_bias_init=2.0,
+      warmup_steps=0,
+    )
+  )
   model_config = config.model_config(vocab_size=64, max_seq_len=64)
   optimizer = steps.make_optimizer(config)
   model_def, state, _ = steps.init_state(model_config, config, optimizer)
@@ -217,8 +264,12 @@ def test_overflowing_step_changes_nothing_and_is_redone():
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   out = tmp_path / "run"
   proc = subprocess.Popen(
-      [sys.executable, str(ROOT / "train.py"), *TINY, "--steps=100000", f"--out={out}"],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    [sys.executable, str(ROOT / "train.py"), *TINY, "--steps=100000", f"--out={out}"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=tmp_path,
+  )
   metrics = out / "metrics.jsonl"
   deadline = time.time() + 120
   while not (metrics.exists() and metrics.stat().st_size > 0):
@@ -236,8 +287,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 # ---------------------------------------------------------------------------- other tasks
 
 
-TEXT = ["--task=text", "--steps=40", "--seq_len=32", "--batch_size=8", "--d_model=32",
-        "--eval_every=20", "--eval_batches=2", "--no-progress", "--no-plots"]
+TEXT = [
+  "--task=text",
+  "--steps=40",
+  "--seq_len=32",
+  "--batch_size=8",
+  "--d_model=32",
+  "--eval_every=20",
+  "--eval_batches=2",
+  "--no-progress",
+  "--no-plots",
+]
 
 
 def test_text_task_on_a_small_file(tmp_path, capsys, monkeypatch):
@@ -263,8 +323,19 @@ def test_text_task_embedded_default_corpus(tmp_path, capsys, monkeypatch):
 
 def test_modadd_logs_specific_heat_and_train_accuracy(tmp_path, capsys):
   out = tmp_path / "run"
-  code, _, _ = run_main(["--task=modadd", "--p=13", "--steps=20", "--eval_every=10",
-                         "--d_model=32", "--d_mlp=64", "--no-progress", f"--out={out}"], capsys)
+  code, _, _ = run_main(
+    [
+      "--task=modadd",
+      "--p=13",
+      "--steps=20",
+      "--eval_every=10",
+      "--d_model=32",
+      "--d_mlp=64",
+      "--no-progress",
+      f"--out={out}",
+    ],
+    capsys,
+  )
   assert code == 0
   evals = records(out, "eval")
   assert [r["step"] for r in evals] == [10, 20]
@@ -277,7 +348,9 @@ def test_modadd_logs_specific_heat_and_train_accuracy(tmp_path, capsys):
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--task=poetry"], "--task"),
     (["--no_such_flag=1"], "unrecognized arguments: --no_such_flag"),
     (["--d_model=30", "--n_heads=4"], "d_model (30) must be divisible by n_heads"),
@@ -288,7 +361,8 @@ def test_modadd_logs_specific_heat_and_train_accuracy(tmp_path, capsys):
     (["--num_kv=100"], "num_kv"),
     (["--task=text", "--data=/no/such/corpus"], "/no/such/corpus"),
     (["--resume"], "--resume needs --out"),
-])
+  ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
   monkeypatch.chdir(tmp_path)
   code, _, err = run_main(args + ["--no-progress"], capsys)
@@ -304,10 +378,10 @@ def test_bad_data_and_out_paths(tmp_path, capsys):
   not_dir = tmp_path / "file"
   not_dir.write_text("x")
   cases = [
-      (["--task=text", f"--data={empty}", f"--out={tmp_path / 'r1'}"], "empty"),
-      (["--task=text", f"--data={tmp_path / 'emptydir'}", f"--out={tmp_path / 'r2'}"], "emptydir"),
-      ([f"--out={not_dir / 'run'}"], "not a directory"),
-      ([f"--out={tmp_path / 'never'}", "--resume"], "no checkpoint to resume"),
+    (["--task=text", f"--data={empty}", f"--out={tmp_path / 'r1'}"], "empty"),
+    (["--task=text", f"--data={tmp_path / 'emptydir'}", f"--out={tmp_path / 'r2'}"], "emptydir"),
+    ([f"--out={not_dir / 'run'}"], "not a directory"),
+    ([f"--out={tmp_path / 'never'}", "--resume"], "no checkpoint to resume"),
   ]
   (tmp_path / "emptydir").mkdir()
   for args, message in cases:
@@ -328,9 +402,18 @@ def test_non_writable_out(tmp_path, capsys):
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_non_finite_loss_stops_the_run(tmp_path, capsys, mode):
   out = tmp_path / "run"
-  code, _, err = run_main(TINY + ["--steps=200", "--lr=1e30", "--warmup_steps=0",
-                                  f"--on_nonfinite={mode}", "--max_nonfinite=3",
-                                  f"--out={out}"], capsys)
+  code, _, err = run_main(
+    TINY
+    + [
+      "--steps=200",
+      "--lr=1e30",
+      "--warmup_steps=0",
+      f"--on_nonfinite={mode}",
+      "--max_nonfinite=3",
+      f"--out={out}",
+    ],
+    capsys,
+  )
   assert code == 1 and "non-finite" in err and "Traceback" not in err
   # nothing non-finite was written as if it were a good result
   assert not (out / "summary.json").exists()
@@ -341,18 +424,36 @@ def test_config_file_and_flag_precedence(tmp_path):
   path.write_text(json.dumps({"task": "modadd", "d_model": 48, "steps": 7}))
   c = resolve({"steps": 9}, str(path))
   assert (c.task.name, c.model["d_model"], c.run.steps, c.optimizer.weight_decay) == (
-      "modadd", 48, 9, 1.0)
+    "modadd",
+    48,
+    9,
+    1.0,
+  )
   path.write_text(json.dumps({"bogus": 1}))
   with pytest.raises(ValueError, match="unknown option 'bogus'"):
     resolve({}, str(path))
 
 
 def test_help_lists_options_with_defaults():
-  result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
-                          text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0
-  for option in ("--task", "--steps", "--out", "--seed", "--data", "--lam", "--target_rate",
-                 "--resume", "--d_model", "--n_layers", "--n_heads", "--mixer", "--gate"):
+  for option in (
+    "--task",
+    "--steps",
+    "--out",
+    "--seed",
+    "--data",
+    "--lam",
+    "--target_rate",
+    "--resume",
+    "--d_model",
+    "--n_layers",
+    "--n_heads",
+    "--mixer",
+    "--gate",
+  ):
     assert option in result.stdout
   assert "(default: 1500)" in result.stdout and "modadd:" in result.stdout
 
@@ -360,47 +461,72 @@ def test_help_lists_options_with_defaults():
 def test_every_model_field_has_a_flag_and_reaches_the_model(tmp_path):
   from tgn_jax.config import TGNConfig
   from tgn_jax.training.cli import build_parser
+
   parser = build_parser()
-  values = {"n_kv_heads": "1", "gate_threshold": "0.4", "capacity_buckets": "0.5,1",
-            "rope": None, "param_dtype": "bfloat16", "gate_hidden": "12", "rope_base": "500",
-            "attention_impl": "xla", "temperature": "learned"}
+  values = {
+    "n_kv_heads": "1",
+    "gate_threshold": "0.4",
+    "capacity_buckets": "0.5,1",
+    "rope": None,
+    "param_dtype": "bfloat16",
+    "gate_hidden": "12",
+    "rope_base": "500",
+    "attention_impl": "xla",
+    "temperature": "learned",
+  }
   argv = []
   for name, value in values.items():
     argv += [f"--model.{name}"] + ([value] if value is not None else [])
   argv[argv.index("--model.rope")] = "--no-model.rope"
   explicit = vars(parser.parse_args(argv))
   model = resolve(explicit).model_config(vocab_size=64, max_seq_len=32)
-  assert (model.n_kv_heads, model.gate_threshold, model.capacity_buckets, model.rope,
-          model.param_dtype, model.gate_hidden, model.rope_base, model.attention_impl,
-          model.temperature) == (1, 0.4, (0.5, 1.0), False, "bfloat16", 12, 500.0, "xla",
-                                 "learned")
+  assert (
+    model.n_kv_heads,
+    model.gate_threshold,
+    model.capacity_buckets,
+    model.rope,
+    model.param_dtype,
+    model.gate_hidden,
+    model.rope_base,
+    model.attention_impl,
+    model.temperature,
+  ) == (1, 0.4, (0.5, 1.0), False, "bfloat16", 12, 500.0, "xla", "learned")
   flagged = {a.dest for a in parser._actions}
-  missing = [f for f in TGNConfig.__dataclass_fields__ if f not in ("vocab_size", "max_seq_len")
-             and f"model.{f}" not in flagged]
+  missing = [
+    f
+    for f in TGNConfig.__dataclass_fields__
+    if f not in ("vocab_size", "max_seq_len") and f"model.{f}" not in flagged
+  ]
   assert not missing, missing
 
 
 def test_flat_and_dotted_spellings_and_nested_file_agree(tmp_path):
   from tgn_jax.training.cli import build_parser
+
   parser = build_parser()
   flat = resolve(vars(parser.parse_args(["--d_model=48", "--lr=0.01", "--steps=7"])))
-  dotted = resolve(vars(parser.parse_args(
-      ["--model.d_model=48", "--optimizer.lr=0.01", "--run.steps=7"])))
+  dotted = resolve(
+    vars(parser.parse_args(["--model.d_model=48", "--optimizer.lr=0.01", "--run.steps=7"]))
+  )
   path = tmp_path / "c.json"
-  path.write_text(json.dumps({"model": {"d_model": 48}, "optimizer": {"lr": 0.01},
-                              "run": {"steps": 7}}))
+  path.write_text(
+    json.dumps({"model": {"d_model": 48}, "optimizer": {"lr": 0.01}, "run": {"steps": 7}})
+  )
   from_file = resolve({}, str(path))
   assert flat == dotted == from_file
   assert flat.to_dict() == json.loads(json.dumps(flat.to_dict()))  # JSON round trip
   assert resolve({}, base=flat.to_dict()) == flat
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["--model.gate_threshold=1.5"], "--model.gate_threshold: gate_threshold must be in (0, 1)"),
     (["--model.capacity_buckets=0.5"], "--model.capacity_buckets: capacity_buckets must"),
     (["--n_heads=3"], "--d_model: d_model (64) must be divisible by n_heads (3)"),
     (["--optimizer.b2=1"], "--b2 must be in [0, 1)"),
-])
+  ],
+)
 def test_errors_name_the_flag(argv, message, capsys):
   code, _, err = run_main(argv, capsys)
   assert code == 2 and message in err, err
@@ -409,6 +535,7 @@ def test_errors_name_the_flag(argv, message, capsys):
 def test_help_shows_true_defaults():
   from tgn_jax.config import TGNConfig
   from tgn_jax.training.cli import build_parser
+
   text = build_parser().format_help()
   assert "runs/latest" not in text and "default: runs/TASK-DATE-TIME" in text
   assert f"(default: {TGNConfig(vocab_size=2).gate_threshold})" in text
@@ -417,9 +544,18 @@ def test_help_shows_true_defaults():
 
 def test_oracle_reference_gate_opens_only_at_queries_of_the_last_layer(tmp_path, capsys):
   out = tmp_path / "oracle"
-  code, stdout, _ = run_main(TINY + ["--steps=4", "--eval_every=4", "--reference_gate=oracle",
-                                     "--target_rate=none", "--fillers=zero", f"--out={out}"],
-                             capsys)
+  code, stdout, _ = run_main(
+    TINY
+    + [
+      "--steps=4",
+      "--eval_every=4",
+      "--reference_gate=oracle",
+      "--target_rate=none",
+      "--fillers=zero",
+      f"--out={out}",
+    ],
+    capsys,
+  )
   assert code == 0
   final = summary(out)["final"]
   assert final["open_rate_scored"][:-1] == [0.0] and final["open_rate_scored"][-1] == 1.0

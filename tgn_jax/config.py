@@ -95,8 +95,17 @@ class TGNConfig:
   gate_bias_init: float = 0.0
   attention_execution: Optional[Execution] = None
   kv: KeyValues = "all"
-  capacity_buckets: tuple[float, ...] = (0.0625, 0.125, 0.15625, 0.1875, 0.25, 0.375, 0.5, 0.75,
-                                         1.0)
+  capacity_buckets: tuple[float, ...] = (
+    0.0625,
+    0.125,
+    0.15625,
+    0.1875,
+    0.25,
+    0.375,
+    0.5,
+    0.75,
+    1.0,
+  )
   segment_len: int = 8192
   capacity_multiple: int = 64
   temperature: Union[None, float, str] = None
@@ -110,21 +119,32 @@ class TGNConfig:
   remat: bool = False
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "segment_len",
-                 "capacity_multiple"):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "n_layers",
+      "n_heads",
+      "max_seq_len",
+      "segment_len",
+      "capacity_multiple",
+    ):
       _require_positive_int(name, getattr(self, name))
     for name in ("n_kv_heads", "d_mlp", "gate_hidden"):
       value = getattr(self, name)
       if value is not None:
         _require_positive_int(name, value)
     if self.d_model % self.n_heads:
-      raise ConfigFieldError("d_model", 
-          f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+      raise ConfigFieldError(
+        "d_model", f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+      )
     if self.n_heads % self.kv_heads:
-      raise ConfigFieldError("n_heads", 
-          f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+      raise ConfigFieldError(
+        "n_heads", f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})"
+      )
     if self.rope and self.head_dim % 2:
-      raise ConfigFieldError("rope", f"rope needs an even head dimension, got d_model/n_heads = {self.head_dim}")
+      raise ConfigFieldError(
+        "rope", f"rope needs an even head dimension, got d_model/n_heads = {self.head_dim}"
+      )
     _require_choice("mixer", self.mixer, MIXERS)
     _require_choice("recurrence", self.recurrence, RECURRENCES)
     _require_choice("gate", self.gate, GATE_MODES)
@@ -135,34 +155,58 @@ class TGNConfig:
     _require_choice("kv", self.kv, KEY_VALUES)
     _require_choice("gate_input", self.gate_input, GATE_INPUTS)
     if self.kv == "open" and not (self.mixer == "tgn" and self.gate == "hard"):
-      raise ConfigFieldError("kv", f"kv='open' needs mixer='tgn' and gate='hard', got mixer={self.mixer!r}, "
-                       f"gate={self.gate!r}")
+      raise ConfigFieldError(
+        "kv",
+        f"kv='open' needs mixer='tgn' and gate='hard', got mixer={self.mixer!r}, "
+        f"gate={self.gate!r}",
+      )
     if self.attention_execution == "sparse" and self.gate != "hard":
-      raise ConfigFieldError("attention_execution", 
-          f"attention_execution='sparse' needs gate='hard', got gate={self.gate!r}")
+      raise ConfigFieldError(
+        "attention_execution",
+        f"attention_execution='sparse' needs gate='hard', got gate={self.gate!r}",
+      )
     if not 0.0 < self.gate_threshold < 1.0:
-      raise ConfigFieldError("gate_threshold", f"gate_threshold must be in (0, 1), got {self.gate_threshold}")
+      raise ConfigFieldError(
+        "gate_threshold", f"gate_threshold must be in (0, 1), got {self.gate_threshold}"
+      )
     if not 0.0 <= self.exploration <= 1.0:
-      raise ConfigFieldError("exploration", f"exploration must be in [0, 1], got {self.exploration}")
+      raise ConfigFieldError(
+        "exploration", f"exploration must be in [0, 1], got {self.exploration}"
+      )
     if not 0.0 <= self.exploration_floor < 1.0:
-      raise ConfigFieldError("exploration_floor", f"exploration_floor must be in [0, 1), got {self.exploration_floor}")
+      raise ConfigFieldError(
+        "exploration_floor", f"exploration_floor must be in [0, 1), got {self.exploration_floor}"
+      )
     buckets = tuple(self.capacity_buckets)
-    if (not buckets or any(not 0.0 < f <= 1.0 for f in buckets)
-        or list(buckets) != sorted(buckets) or buckets[-1] != 1.0):
-      raise ConfigFieldError("capacity_buckets", 
-          "capacity_buckets must be increasing fractions in (0, 1] ending with 1.0 (the "
-          "capacity that holds every token, so that no open token is ever dropped), "
-          f"got {self.capacity_buckets}")
+    if (
+      not buckets
+      or any(not 0.0 < f <= 1.0 for f in buckets)
+      or list(buckets) != sorted(buckets)
+      or buckets[-1] != 1.0
+    ):
+      raise ConfigFieldError(
+        "capacity_buckets",
+        "capacity_buckets must be increasing fractions in (0, 1] ending with 1.0 (the "
+        "capacity that holds every token, so that no open token is ever dropped), "
+        f"got {self.capacity_buckets}",
+      )
     object.__setattr__(self, "capacity_buckets", buckets)
     temperature = self.temperature
     if isinstance(temperature, str):
       if temperature != "learned":
-        raise ConfigFieldError("temperature", 
-            f"temperature must be None, a positive number or 'learned', got {temperature!r}")
+        raise ConfigFieldError(
+          "temperature",
+          f"temperature must be None, a positive number or 'learned', got {temperature!r}",
+        )
     elif temperature is not None:
-      if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-          math.isfinite(temperature) and temperature > 0):
-        raise ConfigFieldError("temperature", f"temperature must be a positive number, got {temperature!r}")
+      if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
+      ):
+        raise ConfigFieldError(
+          "temperature", f"temperature must be a positive number, got {temperature!r}"
+        )
       object.__setattr__(self, "temperature", float(temperature))
     if not self.rope_base > 0:
       raise ConfigFieldError("rope_base", f"rope_base must be positive, got {self.rope_base}")

@@ -16,8 +16,15 @@ import numpy as np
 from flax import nnx
 
 from tgn_jax.config import TGNConfig
-from tgn_jax.nn.model import (ModelAux, StatsMode, TGNLM, _apply, _check_tokens, _is_traced,
-                              _run_exact)
+from tgn_jax.nn.model import (
+  TGNLM,
+  ModelAux,
+  StatsMode,
+  _apply,
+  _check_tokens,
+  _is_traced,
+  _run_exact,
+)
 
 
 def init(config: TGNConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
@@ -25,10 +32,16 @@ def init(config: TGNConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(TGNLM(config, rngs=nnx.Rngs(key)))
 
 
-def apply(model_def: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, *,
-          rng: Optional[jax.Array] = None, stats: StatsMode = "mean",
-          capacity: Optional[float] = None, open_LBT: Optional[jax.Array] = None
-          ) -> tuple[jax.Array, ModelAux]:
+def apply(
+  model_def: nnx.GraphDef,
+  params: nnx.State,
+  tokens_BT: jax.Array,
+  *,
+  rng: Optional[jax.Array] = None,
+  stats: StatsMode = "mean",
+  capacity: Optional[float] = None,
+  open_LBT: Optional[jax.Array] = None,
+) -> tuple[jax.Array, ModelAux]:
   """Runs the model: logits float32 [B, T, V] and ModelAux (see TGNLM.__call__).
 
   capacity: the hard gate's routing capacity (static). Under jit/grad/vmap the default
@@ -47,19 +60,28 @@ def apply(model_def: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, *,
   if open_LBT is not None:
     expected = (config.n_layers,) + tuple(tokens_BT.shape)
     if tuple(open_LBT.shape) != expected or not (config.has_gate and config.gate == "hard"):
-      raise ValueError(f"open_LBT must be bool {list(expected)} [layers, batch, tokens] and "
-                       f"needs gate='hard'; got shape {tuple(open_LBT.shape)}, gate "
-                       f"{config.gate!r}")
+      raise ValueError(
+        f"open_LBT must be bool {list(expected)} [layers, batch, tokens] and "
+        f"needs gate='hard'; got shape {tuple(open_LBT.shape)}, gate "
+        f"{config.gate!r}"
+      )
   run = lambda c: _apply(model_def, params, tokens_BT, rng, stats, c, open_LBT)
-  return _run_exact(run, capacity, config, (model_def, tokens_BT.shape, rng is None),
-                    traced=_is_traced((tokens_BT, params, rng)))
+  return _run_exact(
+    run,
+    capacity,
+    config,
+    (model_def, tokens_BT.shape, rng is None),
+    traced=_is_traced((tokens_BT, params, rng)),
+  )
 
 
 def _check_params(model_def: nnx.GraphDef, params: nnx.State) -> None:
   """ValueError naming the first parameter that is missing, extra or of another shape than
   the model needs: e.g. parameters of another configuration."""
-  given = {jax.tree_util.keystr(path): tuple(np.shape(x))
-           for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  given = {
+    jax.tree_util.keystr(path): tuple(np.shape(x))
+    for path, x in jax.tree_util.tree_leaves_with_path(params)
+  }
   config = _config_of(model_def)
   if config is None:  # not a TGNLM structure we can read: let merge judge
     return
@@ -69,8 +91,9 @@ def _check_params(model_def: nnx.GraphDef, params: nnx.State) -> None:
     if name not in given:
       raise ValueError(f"parameter {name} is missing: {hint}")
     if given[name] != shape:
-      raise ValueError(f"parameter {name} has shape {given[name]} but this model needs {shape}: "
-                       f"{hint}")
+      raise ValueError(
+        f"parameter {name} has shape {given[name]} but this model needs {shape}: {hint}"
+      )
   for name in given:
     if name not in expected:
       raise ValueError(f"parameter {name} is not one of this model's: {hint}")
@@ -88,5 +111,7 @@ def _config_of(model_def: nnx.GraphDef) -> Optional[TGNConfig]:
 @functools.lru_cache(maxsize=32)
 def _expected_shapes(config: TGNConfig) -> dict[str, tuple[int, ...]]:
   abstract = nnx.state(nnx.eval_shape(lambda: TGNLM(config, rngs=nnx.Rngs(0))))
-  return {jax.tree_util.keystr(path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  return {
+    jax.tree_util.keystr(path): tuple(x.shape)
+    for path, x in jax.tree_util.tree_leaves_with_path(abstract)
+  }

@@ -7,16 +7,16 @@ from tgn_jax.data.mqar import mqar_batch, mqar_eval_set
 from tgn_jax.data.text import ByteCorpus, bits_per_byte
 
 __all__ = [
-    "Batch",
-    "ByteCorpus",
-    "DataError",
-    "MQAR_FILLERS",
-    "batch_rows",
-    "bits_per_byte",
-    "heldout_rng",
-    "modadd_splits",
-    "modadd_vocab_size",
-    "mqar_batch",
-    "mqar_eval_set",
-    "row_rng",
+  "Batch",
+  "ByteCorpus",
+  "DataError",
+  "MQAR_FILLERS",
+  "batch_rows",
+  "bits_per_byte",
+  "heldout_rng",
+  "modadd_splits",
+  "modadd_vocab_size",
+  "mqar_batch",
+  "mqar_eval_set",
+  "row_rng",
 ]

@@ -48,11 +48,19 @@ class GibbsAttention(nnx.Module):
       k = apply_rope(k, positions_BT, cfg.rope_base)
     return k, v
 
-  def attend(self, x_BCD: jax.Array, positions_BC: jax.Array, k: jax.Array, v: jax.Array, *,
-             mask: Literal["causal", "positions", "lengths"] = "positions",
-             q_lengths: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
-             kv_lengths: Optional[jax.Array] = None, return_stats: bool = False
-             ) -> tuple[jax.Array, Optional[ThermoStats]]:
+  def attend(
+    self,
+    x_BCD: jax.Array,
+    positions_BC: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: Literal["causal", "positions", "lengths"] = "positions",
+    q_lengths: Optional[jax.Array] = None,
+    kv_positions: Optional[jax.Array] = None,
+    kv_lengths: Optional[jax.Array] = None,
+    return_stats: bool = False,
+  ) -> tuple[jax.Array, Optional[ThermoStats]]:
     """Attention output [B, C, D] for queries at positions_BC over keys k, v [B, S, K, H].
 
     mask: "causal" (the queries are the whole sequence 0..S-1: plain causal masking, the
@@ -68,9 +76,17 @@ class GibbsAttention(nnx.Module):
     if cfg.rope:
       q = apply_rope(q, positions_BC, cfg.rope_base)
     result = gibbs_attention(
-        q, k, v, temperature=self.temperature(), is_causal=mask != "lengths",
-        q_positions=positions_BC if mask == "positions" else None, q_lengths=q_lengths,
-        kv_positions=kv_positions, kv_lengths=kv_lengths, return_stats=return_stats,
-        implementation=cfg.attention_impl)
+      q,
+      k,
+      v,
+      temperature=self.temperature(),
+      is_causal=mask != "lengths",
+      q_positions=positions_BC if mask == "positions" else None,
+      q_lengths=q_lengths,
+      kv_positions=kv_positions,
+      kv_lengths=kv_lengths,
+      return_stats=return_stats,
+      implementation=cfg.attention_impl,
+    )
     out, stats = result if return_stats else (result, None)
     return self.o_proj(out.reshape(batch, count, cfg.n_heads * cfg.head_dim)), stats

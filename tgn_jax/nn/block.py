@@ -41,14 +41,14 @@ def resolve_mix(config: TGNConfig) -> str:
 class LayerAux(NamedTuple):
   """What one layer reports, each [B, T] (stats [B, T, N], NaN where not computed)."""
 
-  gate_prob: jax.Array   # float32 open probability sigmoid(MLP(r))
-  gate: jax.Array        # float32 gate value applied in the mix (0/1 for the hard gate)
-  is_open: jax.Array     # bool: the hard decision (soft gate: what hardening would give)
-  computed: jax.Array    # bool: attention was computed at this token (open or explored)
+  gate_prob: jax.Array  # float32 open probability sigmoid(MLP(r))
+  gate: jax.Array  # float32 gate value applied in the mix (0/1 for the hard gate)
+  is_open: jax.Array  # bool: the hard decision (soft gate: what hardening would give)
+  computed: jax.Array  # bool: attention was computed at this token (open or explored)
   stats_mask: jax.Array  # bool: the token's attention was mixed into the output
   stats: Optional[ThermoStats]
-  overflow: jax.Array    # bool scalar: routing dropped tokens (the result must be redone)
-  needed: jax.Array      # float32 scalar: the smallest capacity fraction that fits
+  overflow: jax.Array  # bool scalar: routing dropped tokens (the result must be redone)
+  needed: jax.Array  # float32 scalar: the smallest capacity fraction that fits
 
 
 class LayerCache(NamedTuple):
@@ -85,7 +85,6 @@ def _merge_reports(a: gate_ops.RouteReport, b: gate_ops.RouteReport) -> gate_ops
 
 
 class Block(nnx.Module):
-
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.mix = resolve_mix(config)
@@ -96,11 +95,17 @@ class Block(nnx.Module):
     self.norm_mlp = rms_norm(config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
-               cache: Optional[LayerCache] = None, key: Optional[jax.Array] = None,
-               return_stats: bool = False, capacity: float = 1.0,
-               open_BT: Optional[jax.Array] = None
-               ) -> tuple[jax.Array, LayerAux, Optional[LayerCache]]:
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    positions_BT: jax.Array,
+    *,
+    cache: Optional[LayerCache] = None,
+    key: Optional[jax.Array] = None,
+    return_stats: bool = False,
+    capacity: float = 1.0,
+    open_BT: Optional[jax.Array] = None,
+  ) -> tuple[jax.Array, LayerAux, Optional[LayerCache]]:
     """One layer over T tokens at positions_BT.
 
     Training: no cache. Prefill: an empty cache and positions from 0; the layer computes
@@ -123,10 +128,18 @@ class Block(nnx.Module):
     prob, is_open, computed, explored_fraction = self._gate(h, r, key, open_BT)
     stats, report, a = None, _NO_REPORT, None
     if self.attention is not None:
-      keys, cache = self._keys(h, positions_BT, is_open, cache, decoding=decoding,
-                               capacity=capacity)
-      a, stats, report = self._attend(h, positions_BT, keys, computed, decoding=decoding,
-                                      return_stats=return_stats, capacity=capacity)
+      keys, cache = self._keys(
+        h, positions_BT, is_open, cache, decoding=decoding, capacity=capacity
+      )
+      a, stats, report = self._attend(
+        h,
+        positions_BT,
+        keys,
+        computed,
+        decoding=decoding,
+        return_stats=return_stats,
+        capacity=capacity,
+      )
       if stats is not None:
         stats = jax.tree.map(lambda s: jnp.where(computed[..., None], s, jnp.nan), stats)
     if cache is not None:
@@ -134,13 +147,28 @@ class Block(nnx.Module):
     y, gate = self._mix(r, a, prob, is_open, computed, explored_fraction)
     x = x_BTD + y.astype(x_BTD.dtype)
     x = x + self.mlp(self.norm_mlp(x))
-    aux = LayerAux(gate_prob=prob, gate=gate, is_open=is_open, computed=computed,
-                   stats_mask=is_open if self.mix == "hard" else computed, stats=stats,
-                   overflow=report.overflow, needed=report.needed)
+    aux = LayerAux(
+      gate_prob=prob,
+      gate=gate,
+      is_open=is_open,
+      computed=computed,
+      stats_mask=is_open if self.mix == "hard" else computed,
+      stats=stats,
+      overflow=report.overflow,
+      needed=report.needed,
+    )
     return x, aux, cache
 
-  def _keys(self, h_BTD, positions_BT, is_open_BT, cache: Optional[LayerCache], *,
-            decoding: bool, capacity: float) -> tuple[Keys, Optional[LayerCache]]:
+  def _keys(
+    self,
+    h_BTD,
+    positions_BT,
+    is_open_BT,
+    cache: Optional[LayerCache],
+    *,
+    decoding: bool,
+    capacity: float,
+  ) -> tuple[Keys, Optional[LayerCache]]:
     """The keys the queries attend, and the cache with this call's keys written in.
 
     kv="all": every token's key; a prefill writes them at their positions and a decoding
@@ -165,21 +193,33 @@ class Block(nnx.Module):
       opened = is_open_BT[:, 0]
       slot = jnp.where(opened, cache.count, cache.k.shape[1])[:, None]  # closed: dropped
       write = lambda c, x: c.at[rows, slot].set(x.astype(c.dtype), mode="drop")
-      cache = cache._replace(k=write(cache.k, k), v=write(cache.v, v),
-                             positions=write(cache.positions, positions_BT),
-                             count=cache.count + opened.astype(jnp.int32))
+      cache = cache._replace(
+        k=write(cache.k, k),
+        v=write(cache.v, v),
+        positions=write(cache.positions, positions_BT),
+        count=cache.count + opened.astype(jnp.int32),
+      )
       return Keys(cache.k, cache.v, cache.positions, cache.count, _NO_REPORT), cache
     dense = cfg.execution == "dense" or gate_ops.computes_densely(
-        seq_len, capacity, cfg.segment_len, cfg.capacity_multiple)
-    key_capacity = seq_len if dense else gate_ops.capacity_tokens(seq_len, capacity,
-                                                                  cfg.capacity_multiple)
+      seq_len, capacity, cfg.segment_len, cfg.capacity_multiple
+    )
+    key_capacity = (
+      seq_len if dense else gate_ops.capacity_tokens(seq_len, capacity, cfg.capacity_multiple)
+    )
     slots = gate_ops.token_slots(is_open_BT, key_capacity)
-    keys = Keys(k[rows, slots.positions_BC], v[rows, slots.positions_BC], slots.positions_BC,
-                slots.lengths_B, gate_ops.count_report(is_open_BT, capacity if not dense else 1.0,
-                                                       seq_len, cfg.capacity_multiple))
+    keys = Keys(
+      k[rows, slots.positions_BC],
+      v[rows, slots.positions_BC],
+      slots.positions_BC,
+      slots.lengths_B,
+      gate_ops.count_report(
+        is_open_BT, capacity if not dense else 1.0, seq_len, cfg.capacity_multiple
+      ),
+    )
     if cache is not None:  # prefill: the gathered keys are the cache
-      cache = LayerCache(k=keys.k, v=keys.v, state=None, positions=keys.positions,
-                         count=keys.lengths)
+      cache = LayerCache(
+        k=keys.k, v=keys.v, state=None, positions=keys.positions, count=keys.lengths
+      )
     return keys, cache
 
   def _gate(self, h_BTD, r_BTD, key, open_BT):
@@ -191,8 +231,11 @@ class Block(nnx.Module):
       forced = jnp.full(shape, self.mix == "attention")
       return forced.astype(jnp.float32), forced, forced, none
     cfg = self.config
-    gate_input = r_BTD if cfg.gate_input == "recurrence" else jnp.concatenate(
-        [h_BTD, r_BTD.astype(h_BTD.dtype)], axis=-1)
+    gate_input = (
+      r_BTD
+      if cfg.gate_input == "recurrence"
+      else jnp.concatenate([h_BTD, r_BTD.astype(h_BTD.dtype)], axis=-1)
+    )
     prob = jax.nn.sigmoid(self.gate_head(gate_input))
     if self.mix == "soft":
       return prob, prob > cfg.gate_threshold, jnp.ones(shape, bool), none
@@ -200,45 +243,71 @@ class Block(nnx.Module):
       given = jnp.asarray(open_BT, bool)
       return prob, given, given, none
     sample_key, explore_key = jax.random.split(key) if key is not None else (None, None)
-    is_open = gate_ops.hard_gate(prob, threshold=cfg.gate_threshold,
-                                 key=sample_key if cfg.gate_sampling else None)
+    is_open = gate_ops.hard_gate(
+      prob, threshold=cfg.gate_threshold, key=sample_key if cfg.gate_sampling else None
+    )
     if explore_key is None or cfg.exploration == 0.0:
       return prob, is_open, is_open, none
     fraction = gate_ops.exploration_fraction(is_open, cfg.exploration, cfg.exploration_floor)
     explore = gate_ops.exploration_mask(~is_open, fraction, explore_key)
     return prob, is_open, is_open | explore, fraction
 
-  def _attend(self, h_BTD, positions_BT, keys: Keys, computed_BT, *, decoding: bool,
-              return_stats: bool, capacity: float):
+  def _attend(
+    self,
+    h_BTD,
+    positions_BT,
+    keys: Keys,
+    computed_BT,
+    *,
+    decoding: bool,
+    return_stats: bool,
+    capacity: float,
+  ):
     """Attention output [B, T, D] (zero where a routed token was not computed), its
     observables or None, and the RouteReport of queries and keys."""
     cfg = self.config
-    attend = functools.partial(self.attention.attend, kv_positions=keys.positions,
-                               kv_lengths=keys.lengths, return_stats=return_stats)
+    attend = functools.partial(
+      self.attention.attend,
+      kv_positions=keys.positions,
+      kv_lengths=keys.lengths,
+      return_stats=return_stats,
+    )
     if decoding:
       # A row reads its keys up to its position (kv="all") or its open tokens' (kv="open");
       # a row whose hard gate is closed reads none.
       reads = positions_BT[:, 0] + 1 if keys.lengths is None else keys.lengths
       reads = jnp.where(computed_BT[:, 0], reads, 0).astype(jnp.int32)
-      a, _ = self.attention.attend(h_BTD, positions_BT, keys.k, keys.v, mask="lengths",
-                                   kv_lengths=reads)
+      a, _ = self.attention.attend(
+        h_BTD, positions_BT, keys.k, keys.v, mask="lengths", kv_lengths=reads
+      )
       return a, None, _NO_REPORT
     plain = "causal" if keys.positions is None else "positions"
     if self.mix != "hard":
       a, stats = attend(h_BTD, positions_BT, keys.k, keys.v, mask=plain)
       return a, stats, _NO_REPORT
     if cfg.execution == "dense" or gate_ops.computes_densely(
-        h_BTD.shape[1], capacity, cfg.segment_len, cfg.capacity_multiple):
+      h_BTD.shape[1], capacity, cfg.segment_len, cfg.capacity_multiple
+    ):
       a, stats = attend(h_BTD, positions_BT, keys.k, keys.v, mask=plain)
       queries = gate_ops.count_report(computed_BT, 1.0, cfg.segment_len, cfg.capacity_multiple)
       return a, stats, _merge_reports(queries, keys.report)
     # Segments read the key prefix up to their end; gathered keys are read by position.
     prefix = lambda x, end: x[:, :end] if keys.positions is None else x
     (a, stats), queries = gate_ops.route_causal_segments(
-        lambda h_BCD, pos_BC, lengths_B, end: attend(
-            h_BCD, pos_BC, prefix(keys.k, end), prefix(keys.v, end), mask="positions",
-            q_lengths=lengths_B),
-        computed_BT, h_BTD, capacity, cfg.segment_len, cfg.capacity_multiple)
+      lambda h_BCD, pos_BC, lengths_B, end: attend(
+        h_BCD,
+        pos_BC,
+        prefix(keys.k, end),
+        prefix(keys.v, end),
+        mask="positions",
+        q_lengths=lengths_B,
+      ),
+      computed_BT,
+      h_BTD,
+      capacity,
+      cfg.segment_len,
+      cfg.capacity_multiple,
+    )
     return a, stats, _merge_reports(queries, keys.report)
 
   def _mix(self, r, a, prob, is_open, computed, explored_fraction):

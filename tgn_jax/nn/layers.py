@@ -9,15 +9,28 @@ from flax import nnx
 from tgn_jax.config import TGNConfig
 
 
-def linear(config: TGNConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = False,
-           **kwargs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=config.compute_dtype,
-                    param_dtype=config.weight_dtype, rngs=rngs, **kwargs)
+def linear(
+  config: TGNConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = False, **kwargs
+) -> nnx.Linear:
+  return nnx.Linear(
+    d_in,
+    d_out,
+    use_bias=use_bias,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    rngs=rngs,
+    **kwargs,
+  )
 
 
 def rms_norm(config: TGNConfig, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
-  return nnx.RMSNorm(config.d_model, epsilon=1e-6, dtype=config.compute_dtype,
-                     param_dtype=config.weight_dtype, rngs=rngs)
+  return nnx.RMSNorm(
+    config.d_model,
+    epsilon=1e-6,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    rngs=rngs,
+  )
 
 
 class MLP(nnx.Module):
@@ -41,8 +54,14 @@ class GateHead(nnx.Module):
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     width = config.d_model * (2 if config.gate_input == "both" else 1)
     self.hidden = linear(config, width, config.gate_dim, rngs=rngs, use_bias=True)
-    self.out = linear(config, config.gate_dim, 1, rngs=rngs, use_bias=True,
-                      bias_init=nnx.initializers.constant(config.gate_bias_init))
+    self.out = linear(
+      config,
+      config.gate_dim,
+      1,
+      rngs=rngs,
+      use_bias=True,
+      bias_init=nnx.initializers.constant(config.gate_bias_init),
+    )
 
   def __call__(self, input_BTD: jax.Array) -> jax.Array:
     return self.out(jax.nn.gelu(self.hidden(input_BTD)))[..., 0].astype(jnp.float32)

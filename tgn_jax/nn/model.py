@@ -58,15 +58,25 @@ class TGNLM(nnx.Module):
       raise TypeError(f"config must be a TGNConfig, got {type(config).__name__}")
     self.config = config
     self.embed = nnx.Embed(
-        config.vocab_size, config.d_model, dtype=config.compute_dtype,
-        param_dtype=config.weight_dtype, rngs=rngs,
-        embedding_init=nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model)))
+      config.vocab_size,
+      config.d_model,
+      dtype=config.compute_dtype,
+      param_dtype=config.weight_dtype,
+      rngs=rngs,
+      embedding_init=nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model)),
+    )
     self.blocks = _stacked_blocks(config, rngs.params())
     self.final_norm = rms_norm(config, rngs=rngs)
 
-  def __call__(self, tokens_BT: jax.Array, *, rng: Optional[jax.Array] = None,
-               stats: StatsMode = "mean", capacity: Optional[float] = None,
-               open_LBT: Optional[jax.Array] = None) -> tuple[jax.Array, ModelAux]:
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    *,
+    rng: Optional[jax.Array] = None,
+    stats: StatsMode = "mean",
+    capacity: Optional[float] = None,
+    open_LBT: Optional[jax.Array] = None,
+  ) -> tuple[jax.Array, ModelAux]:
     """Logits float32 [B, T, V] and ModelAux.
 
     rng: training randomness (Bernoulli gate sampling, exploration of closed gates);
@@ -82,12 +92,22 @@ class TGNLM(nnx.Module):
       learned one (reference gates for ablations); None: the learned gate.
     """
     from tgn_jax import functional  # the one pure entry point (it is built on this module)
-    return functional.apply(*nnx.split(self), tokens_BT, rng=rng, stats=stats,
-                            capacity=capacity, open_LBT=open_LBT)
 
-  def _forward(self, tokens_BT, *, rng, stats: StatsMode, capacity: float,
-               cache: Optional[LayerCache] = None, last_logits_only: bool = False,
-               open_LBT: Optional[jax.Array] = None):
+    return functional.apply(
+      *nnx.split(self), tokens_BT, rng=rng, stats=stats, capacity=capacity, open_LBT=open_LBT
+    )
+
+  def _forward(
+    self,
+    tokens_BT,
+    *,
+    rng,
+    stats: StatsMode,
+    capacity: float,
+    cache: Optional[LayerCache] = None,
+    last_logits_only: bool = False,
+    open_LBT: Optional[jax.Array] = None,
+  ):
     """Logits, ModelAux and the stacked caches ([L, ...]; None without `cache`)."""
     cfg = self.config
     batch, seq_len = tokens_BT.shape
@@ -99,8 +119,14 @@ class TGNLM(nnx.Module):
     def layer(x, inputs):
       state, key, layer_cache, open_BT = inputs
       x, aux, layer_cache = nnx.merge(block_def, state)(
-          x, positions_BT, cache=layer_cache, key=key, return_stats=stats is not None,
-          capacity=capacity, open_BT=open_BT)
+        x,
+        positions_BT,
+        cache=layer_cache,
+        key=key,
+        return_stats=stats is not None,
+        capacity=capacity,
+        open_BT=open_BT,
+      )
       return x, (aux, layer_cache)
 
     if cfg.remat:
@@ -123,13 +149,22 @@ class TGNLM(nnx.Module):
     kv = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
     keys = cfg.has_attention and cfg.kv == "all"  # kv="open": prefill gathers them
     return LayerCache(
-        k=jnp.zeros(kv, cfg.compute_dtype) if keys else None,
-        v=jnp.zeros(kv, cfg.compute_dtype) if keys else None,
-        state=(jnp.zeros((cfg.n_layers, batch, cfg.d_model), jnp.float32)
-               if cfg.has_recurrence else None))
+      k=jnp.zeros(kv, cfg.compute_dtype) if keys else None,
+      v=jnp.zeros(kv, cfg.compute_dtype) if keys else None,
+      state=(
+        jnp.zeros((cfg.n_layers, batch, cfg.d_model), jnp.float32) if cfg.has_recurrence else None
+      ),
+    )
 
-  def generate(self, prompt_BP: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
-               rng: Optional[jax.Array] = None, return_logits: bool = False):
+  def generate(
+    self,
+    prompt_BP: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    rng: Optional[jax.Array] = None,
+    return_logits: bool = False,
+  ):
     """Autoregressive generation with a KV cache and recurrent state: `prefill`, then
     `decode`.
 
@@ -142,16 +177,20 @@ class TGNLM(nnx.Module):
     _check_positive_int("max_new_tokens", max_new_tokens)
     prompt_len = prompt_BP.shape[1]
     if prompt_len + max_new_tokens > self.config.max_seq_len:
-      raise ValueError(f"prompt length + max_new_tokens = {prompt_len + max_new_tokens} exceeds "
-                       f"max_seq_len ({self.config.max_seq_len})")
+      raise ValueError(
+        f"prompt length + max_new_tokens = {prompt_len + max_new_tokens} exceeds "
+        f"max_seq_len ({self.config.max_seq_len})"
+      )
     logits_BV, cache = self.prefill(prompt_BP, prompt_len + max_new_tokens)
-    decoded = self.decode(cache, logits_BV, prompt_len, max_new_tokens,
-                          temperature=temperature, rng=rng)
+    decoded = self.decode(
+      cache, logits_BV, prompt_len, max_new_tokens, temperature=temperature, rng=rng
+    )
     tokens = jnp.concatenate([jnp.asarray(prompt_BP, jnp.int32), decoded.tokens], axis=1)
     return (tokens, decoded.logits) if return_logits else tokens
 
-  def prefill(self, prompt_BP: jax.Array, cache_len: int, *, capacity: Optional[float] = None
-              ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+  def prefill(
+    self, prompt_BP: jax.Array, cache_len: int, *, capacity: Optional[float] = None
+  ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
     """Runs the prompt through the training forward and keeps its keys, values and
     recurrent states.
 
@@ -168,27 +207,38 @@ class TGNLM(nnx.Module):
     _check_tokens(prompt_BP, cfg, name="prompt")
     _check_positive_int("cache_len", cache_len)
     if not prompt_BP.shape[1] <= cache_len <= cfg.max_seq_len:
-      raise ValueError(f"cache_len must lie in [prompt length {prompt_BP.shape[1]}, max_seq_len "
-                       f"{cfg.max_seq_len}], got {cache_len}")
+      raise ValueError(
+        f"cache_len must lie in [prompt length {prompt_BP.shape[1]}, max_seq_len "
+        f"{cfg.max_seq_len}], got {cache_len}"
+      )
     graph_def, state = nnx.split(self)
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     run = lambda c: _prefill(graph_def, state, prompt_BP, cache_len, c)
     traced = _is_traced((prompt_BP, state))
     if capacity is not None and capacity < 1.0:  # the cache is kept: nothing may be left out
       if traced:
-        raise ValueError("prefill under a transformation cannot check for overflow: pass "
-                         "capacity=None or 1.0")
+        raise ValueError(
+          "prefill under a transformation cannot check for overflow: pass capacity=None or 1.0"
+        )
       logits_BV, aux, cache = _run_exact(run, capacity, cfg, None, traced=False)
       if bool(aux.overflow):
         logits_BV, _, cache = run(1.0)
       return logits_BV, cache
-    logits_BV, _, cache = _run_exact(run, capacity, cfg, (graph_def, prompt_BP.shape, "prefill"),
-                                     traced=traced)
+    logits_BV, _, cache = _run_exact(
+      run, capacity, cfg, (graph_def, prompt_BP.shape, "prefill"), traced=traced
+    )
     return logits_BV, cache
 
-  def decode(self, cache: tuple[LayerCache, ...], logits_BV: jax.Array, position: int,
-             steps: int, *, temperature: float = 0.0, rng: Optional[jax.Array] = None
-             ) -> "Decoded":
+  def decode(
+    self,
+    cache: tuple[LayerCache, ...],
+    logits_BV: jax.Array,
+    position: int,
+    steps: int,
+    *,
+    temperature: float = 0.0,
+    rng: Optional[jax.Array] = None,
+  ) -> "Decoded":
     """`steps` new tokens, fed at positions position, position + 1, ...
 
     Each step chooses a token from the logits the previous one gave (the first from
@@ -203,13 +253,16 @@ class TGNLM(nnx.Module):
       raise ValueError(f"position must be a non-negative integer, got {position!r}")
     first = cache[0]
     if first.k is not None and first.count is None and position + steps > first.k.shape[1]:
-      raise ValueError(f"position + steps = {position + steps} exceeds the cache's "
-                       f"{first.k.shape[1]} positions")
+      raise ValueError(
+        f"position + steps = {position + steps} exceeds the cache's {first.k.shape[1]} positions"
+      )
     if first.count is not None and not _is_traced(first.count):
       used = max(int(jnp.max(c.count)) for c in cache)
       if used + steps > first.k.shape[1]:
-        raise ValueError(f"{used} cached open tokens + steps = {used + steps} exceeds the "
-                         f"cache's {first.k.shape[1]} slots")
+        raise ValueError(
+          f"{used} cached open tokens + steps = {used + steps} exceeds the "
+          f"cache's {first.k.shape[1]} slots"
+        )
     if not temperature >= 0:
       raise ValueError(f"temperature must be >= 0, got {temperature}")
     sample = temperature > 0
@@ -218,8 +271,17 @@ class TGNLM(nnx.Module):
     key = rng if rng is not None else jax.random.key(0)
     graph_def, state = nnx.split(self)
     decode = _decode_donating if jax.default_backend() != "cpu" else _decode
-    return decode(graph_def, state, tuple(cache), logits_BV, jnp.int32(position), key,
-                  jnp.float32(max(temperature, 1e-6)), steps, sample)
+    return decode(
+      graph_def,
+      state,
+      tuple(cache),
+      logits_BV,
+      jnp.int32(position),
+      key,
+      jnp.float32(max(temperature, 1e-6)),
+      steps,
+      sample,
+    )
 
 
 class Decoded(NamedTuple):
@@ -238,8 +300,12 @@ class Decoded(NamedTuple):
 def capacity_ladder(config: TGNConfig, seq_len: int, **options) -> CapacityLadder:
   """A CapacityLadder over the config's capacity_buckets that differ at this length
   (options: headroom, window, recent)."""
-  return CapacityLadder(distinct_fractions(config.capacity_buckets, seq_len, config.segment_len,
-                                           config.capacity_multiple), **options)
+  return CapacityLadder(
+    distinct_fractions(
+      config.capacity_buckets, seq_len, config.segment_len, config.capacity_multiple
+    ),
+    **options,
+  )
 
 
 def _is_traced(tree) -> bool:
@@ -255,8 +321,11 @@ def _run_exact(run, capacity: Optional[float], cfg: TGNConfig, ladder_key, *, tr
   """run(capacity) -> (..., aux, ...) with aux the second output; returns run's outputs
   at a capacity that left no token out (see TGNLM.__call__)."""
   if capacity is not None:
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not (
-        0.0 < capacity <= 1.0):
+    if (
+      isinstance(capacity, bool)
+      or not isinstance(capacity, (int, float))
+      or not (0.0 < capacity <= 1.0)
+    ):
       raise ValueError(f"capacity must be a fraction in (0, 1], got {capacity!r}")
     return run(float(capacity))
   if traced or not (cfg.has_gate and cfg.gate == "hard" and cfg.execution == "sparse"):
@@ -275,8 +344,9 @@ def _run_exact(run, capacity: Optional[float], cfg: TGNConfig, ladder_key, *, tr
 # model structure); inside a user's jit they are simply inlined.
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _apply(graph_def, state, tokens_BT, rng, stats, capacity, open_LBT=None):
-  logits, aux, _ = nnx.merge(graph_def, state)._forward(tokens_BT, rng=rng, stats=stats,
-                                                         capacity=capacity, open_LBT=open_LBT)
+  logits, aux, _ = nnx.merge(graph_def, state)._forward(
+    tokens_BT, rng=rng, stats=stats, capacity=capacity, open_LBT=open_LBT
+  )
   return logits, aux
 
 
@@ -285,29 +355,34 @@ def _prefill(graph_def, state, prompt_BP, cache_len: int, capacity: float):
   """(last logits float32 [B, V], ModelAux, per-layer caches of cache_len positions)."""
   model: TGNLM = nnx.merge(graph_def, state)
   empty = model._empty_cache(prompt_BP.shape[0], cache_len)
-  logits, aux, stacked = model._forward(prompt_BP, rng=None, stats=None, capacity=capacity,
-                                        cache=empty, last_logits_only=True)
+  logits, aux, stacked = model._forward(
+    prompt_BP, rng=None, stats=None, capacity=capacity, cache=empty, last_logits_only=True
+  )
   # One LayerCache per layer, so that decoding updates each in place.
   caches = tuple(jax.tree.map(lambda c: c[i], stacked) for i in range(model.config.n_layers))
   if model.config.kv == "open":
     # The prompt's open tokens, in a capacity that held them all, plus a slot for every
     # token still to come: decoding can never overflow it.
     extra = cache_len - prompt_BP.shape[1]
-    grow = lambda x, fill: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2),
-                                   constant_values=fill)
-    caches = tuple(c._replace(k=grow(c.k, 0), v=grow(c.v, 0), positions=grow(c.positions, 0))
-                   for c in caches)
+    grow = lambda x, fill: jnp.pad(
+      x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2), constant_values=fill
+    )
+    caches = tuple(
+      c._replace(k=grow(c.k, 0), v=grow(c.v, 0), positions=grow(c.positions, 0)) for c in caches
+    )
   return logits[:, -1], aux, caches
 
 
-def _decode_steps(graph_def, state, caches, logits_BV, position, key, temperature,
-                  steps: int, sample: bool) -> Decoded:
+def _decode_steps(
+  graph_def, state, caches, logits_BV, position, key, temperature, steps: int, sample: bool
+) -> Decoded:
   model: TGNLM = nnx.merge(graph_def, state)
   cfg = model.config
   block_def = _block_def(cfg)
   block_state = _cast_matrices(nnx.state(model.blocks), cfg.compute_dtype)
-  blocks = [nnx.merge(block_def, jax.tree.map(lambda p: p[i], block_state))
-            for i in range(cfg.n_layers)]
+  blocks = [
+    nnx.merge(block_def, jax.tree.map(lambda p: p[i], block_state)) for i in range(cfg.n_layers)
+  ]
 
   def pick(logits_BV, key):
     if sample:
@@ -325,14 +400,22 @@ def _decode_steps(graph_def, state, caches, logits_BV, position, key, temperatur
       x, aux, cache = block(x, positions_B1, cache=cache)
       new_caches.append(cache)
       is_open.append(aux.is_open[:, 0])
-    return (model._logits(x)[:, 0], tuple(new_caches), key), (token_B, logits_BV,
-                                                              jnp.stack(is_open))
+    return (model._logits(x)[:, 0], tuple(new_caches), key), (
+      token_B,
+      logits_BV,
+      jnp.stack(is_open),
+    )
 
   (next_logits, caches, _), (tokens_EB, logits_EBV, open_ELB) = jax.lax.scan(
-      decode, (logits_BV, caches, key), jnp.arange(steps, dtype=jnp.int32))
-  return Decoded(tokens=tokens_EB.T, logits=jnp.moveaxis(logits_EBV, 0, 1),
-                 is_open=jnp.transpose(open_ELB, (1, 2, 0)), next_logits=next_logits,
-                 cache=caches)
+    decode, (logits_BV, caches, key), jnp.arange(steps, dtype=jnp.int32)
+  )
+  return Decoded(
+    tokens=tokens_EB.T,
+    logits=jnp.moveaxis(logits_EBV, 0, 1),
+    is_open=jnp.transpose(open_ELB, (1, 2, 0)),
+    next_logits=next_logits,
+    cache=caches,
+  )
 
 
 _decode = jax.jit(_decode_steps, static_argnums=(0, 7, 8))
@@ -344,8 +427,9 @@ def _cast_matrices(block_state, dtype):
   per call instead of once per use in every layer; vectors (norms, biases, temperatures)
   stay as stored."""
   return jax.tree.map(
-      lambda p: p.astype(dtype) if p.ndim >= 3 and jnp.issubdtype(p.dtype, jnp.floating) else p,
-      block_state)
+    lambda p: p.astype(dtype) if p.ndim >= 3 and jnp.issubdtype(p.dtype, jnp.floating) else p,
+    block_state,
+  )
 
 
 def _stacked_blocks(config: TGNConfig, key: jax.Array) -> Block:
@@ -370,13 +454,21 @@ def _summarize(layer_aux: LayerAux, stats: StatsMode) -> ModelAux:
     mask = layer_aux.stats_mask[..., None]
     count = jnp.sum(mask, axis=(1, 2, 3)) * layer_aux.stats.entropy.shape[-1]
     mean_stats = jax.tree.map(
-        lambda s: jnp.sum(jnp.where(mask, s, 0.0), axis=(1, 2, 3)) / count, layer_aux.stats)
+      lambda s: jnp.sum(jnp.where(mask, s, 0.0), axis=(1, 2, 3)) / count, layer_aux.stats
+    )
     if stats == "token":
       token_stats = layer_aux.stats
-  return ModelAux(gate_prob=layer_aux.gate_prob, gate=layer_aux.gate, is_open=layer_aux.is_open,
-                  open_rate=open_rate, compute_rate=compute_rate, stats=mean_stats,
-                  token_stats=token_stats, overflow=jnp.any(layer_aux.overflow),
-                  capacity_needed=jnp.max(layer_aux.needed))
+  return ModelAux(
+    gate_prob=layer_aux.gate_prob,
+    gate=layer_aux.gate,
+    is_open=layer_aux.is_open,
+    open_rate=open_rate,
+    compute_rate=compute_rate,
+    stats=mean_stats,
+    token_stats=token_stats,
+    overflow=jnp.any(layer_aux.overflow),
+    capacity_needed=jnp.max(layer_aux.needed),
+  )
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -398,8 +490,9 @@ def _check_tokens(tokens, cfg: TGNConfig, name: str = "tokens") -> None:
     values = np.asarray(tokens)
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= cfg.vocab_size:
-      raise ValueError(f"{name} must lie in [0, vocab_size={cfg.vocab_size}), "
-                       f"got values in [{low}, {high}]")
+      raise ValueError(
+        f"{name} must lie in [0, vocab_size={cfg.vocab_size}), got values in [{low}, {high}]"
+      )
 
 
 def count_params(obj) -> int:

@@ -27,8 +27,9 @@ class MinGRU(nnx.Module):
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     self.in_proj = linear(config, config.d_model, 2 * config.d_model, rngs=rngs, use_bias=True)
 
-  def __call__(self, x_BTD: jax.Array, h0_BD: Optional[jax.Array] = None
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x_BTD: jax.Array, h0_BD: Optional[jax.Array] = None
+  ) -> tuple[jax.Array, jax.Array]:
     gate, candidate = jnp.split(self.in_proj(x_BTD), 2, axis=-1)
     h = rec.min_gru(gate, candidate, h0_BD)
     return h, h[:, -1]
@@ -41,13 +42,15 @@ class GRU(nnx.Module):
     d = config.d_model
     init = nnx.initializers.uniform(scale=2.0 / math.sqrt(d))
     shifted = lambda key, shape, dtype: init(key, shape, dtype) - 1.0 / math.sqrt(d)
-    self.in_proj = linear(config, d, 3 * d, rngs=rngs, use_bias=True,
-                          kernel_init=shifted, bias_init=shifted)
+    self.in_proj = linear(
+      config, d, 3 * d, rngs=rngs, use_bias=True, kernel_init=shifted, bias_init=shifted
+    )
     self.w_hh = nnx.Param(shifted(rngs.params(), (d, 3 * d), config.weight_dtype))
     self.b_hh = nnx.Param(shifted(rngs.params(), (3 * d,), config.weight_dtype))
 
-  def __call__(self, x_BTD: jax.Array, h0_BD: Optional[jax.Array] = None
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, x_BTD: jax.Array, h0_BD: Optional[jax.Array] = None
+  ) -> tuple[jax.Array, jax.Array]:
     h = rec.gru(self.in_proj(x_BTD), self.w_hh[...], self.b_hh[...], h0_BD)
     return h, h[:, -1]
 

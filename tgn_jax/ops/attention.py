@@ -50,19 +50,19 @@ def default_positions(batch: int, q_len: int, k_len: int) -> Array:
 
 
 def gibbs_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    temperature: Union[None, float, Array] = None,
-    is_causal: bool = True,
-    q_positions: Optional[Array] = None,
-    kv_positions: Optional[Array] = None,
-    q_lengths: Optional[Array] = None,
-    kv_lengths: Optional[Array] = None,
-    return_stats: bool = False,
-    implementation: Optional[str] = None,
-    blocks: Optional[FlashBlocks] = None,
+  q: Array,
+  k: Array,
+  v: Array,
+  *,
+  temperature: Union[None, float, Array] = None,
+  is_causal: bool = True,
+  q_positions: Optional[Array] = None,
+  kv_positions: Optional[Array] = None,
+  q_lengths: Optional[Array] = None,
+  kv_lengths: Optional[Array] = None,
+  return_stats: bool = False,
+  implementation: Optional[str] = None,
+  blocks: Optional[FlashBlocks] = None,
 ):
   """Causal softmax attention at temperature T, optionally with its observables.
 
@@ -99,20 +99,32 @@ def gibbs_attention(
   k_len = k.shape[1]
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
   q_positions, kv_positions, q_lengths, kv_lengths, q_pos, kv_pos = _visibility(
-      batch, q_len, k_len, is_causal, q_positions, kv_positions, q_lengths, kv_lengths)
+    batch, q_len, k_len, is_causal, q_positions, kv_positions, q_lengths, kv_lengths
+  )
   impl = _resolve_implementation(implementation, q.dtype, head_dim)
   if blocks is not None and impl != "pallas":
     raise ValueError(f"blocks are for implementation='pallas', got {impl!r}")
 
   q_scaled = (q.astype(jnp.float32) / temperature_N[:, None]).astype(q.dtype)
   if impl == "pallas":
-    out, _ = flash.flash_attention(q_scaled, k, v, q_pos, kv_pos,
-                                   blocks=blocks or flash.FlashBlocks())
+    out, _ = flash.flash_attention(
+      q_scaled, k, v, q_pos, kv_pos, blocks=blocks or flash.FlashBlocks()
+    )
   else:
-    plain = (is_causal and q_positions is None and kv_positions is None and q_len == k_len)
+    plain = is_causal and q_positions is None and kv_positions is None and q_len == k_len
     masked = not plain and (is_causal or q_positions is not None or kv_positions is not None)
-    out = _masked_attention(q_scaled, k, v, q_pos, kv_pos, plain=plain, masked=masked,
-                            q_lengths=q_lengths, kv_lengths=kv_lengths, implementation=impl)
+    out = _masked_attention(
+      q_scaled,
+      k,
+      v,
+      q_pos,
+      kv_pos,
+      plain=plain,
+      masked=masked,
+      q_lengths=q_lengths,
+      kv_lengths=kv_lengths,
+      implementation=impl,
+    )
     if masked or q_lengths is not None or kv_lengths is not None:
       answered = kv_pos[:, :1] <= q_pos  # the first key is the smallest: anything visible?
       out = jnp.where(answered[:, :, None, None], out, jnp.zeros((), out.dtype))
@@ -122,54 +134,91 @@ def gibbs_attention(
   return out, stats
 
 
-def _masked_attention(q, k, v, q_pos, kv_pos, *, plain: bool, masked: bool, q_lengths,
-                      kv_lengths, implementation: str) -> Array:
+def _masked_attention(
+  q, k, v, q_pos, kv_pos, *, plain: bool, masked: bool, q_lengths, kv_lengths, implementation: str
+) -> Array:
   """jax.nn.dot_product_attention with the position mask as a [B, 1, Tq, Tk] mask (a
   bias in cuDNN) when `masked`, its plain causal mask when `plain`, and the lengths."""
   batch, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
   q_pad = q_len % 2 if implementation == "cudnn" and masked else 0
   k_pad = k_len % 2 if implementation == "cudnn" and masked else 0
   if q_pad or k_pad:  # cuDNN's backward with a bias needs even lengths: pad, never read
-    pad = lambda x, n, fill=0: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),
-                                       constant_values=fill)
+    pad = lambda x, n, fill=0: jnp.pad(
+      x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2), constant_values=fill
+    )
     q, k, v = pad(q, q_pad), pad(k, k_pad), pad(v, k_pad)
     q_pos, kv_pos = pad(q_pos, q_pad, flash.PAD_QUERY), pad(kv_pos, k_pad, flash.PAD_KEY)
     q_lengths = jnp.full((batch,), q_len, jnp.int32) if q_lengths is None else q_lengths
     kv_lengths = jnp.full((batch,), k_len, jnp.int32) if kv_lengths is None else kv_lengths
   mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None] if masked else None
   out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask, scale=1.0, is_causal=plain, query_seq_lengths=q_lengths,
-      key_value_seq_lengths=kv_lengths, implementation=implementation)
+    q,
+    k,
+    v,
+    mask=mask,
+    scale=1.0,
+    is_causal=plain,
+    query_seq_lengths=q_lengths,
+    key_value_seq_lengths=kv_lengths,
+    implementation=implementation,
+  )
   return out[:, :q_len]
 
 
-def _visibility(batch: int, q_len: int, k_len: int, is_causal: bool, q_positions, kv_positions,
-                q_lengths, kv_lengths):
+def _visibility(
+  batch: int,
+  q_len: int,
+  k_len: int,
+  is_causal: bool,
+  q_positions,
+  kv_positions,
+  q_lengths,
+  kv_lengths,
+):
   """The checked arguments (q_positions, kv_positions, q_lengths, kv_lengths) and their
   encoding (q_pos, kv_pos): see encode_positions."""
   q_positions = _check_positions("q_positions", q_positions, batch, q_len, q_lengths)
   kv_positions = _check_positions("kv_positions", kv_positions, batch, k_len, kv_lengths)
   q_lengths = _check_lengths("q_lengths", q_lengths, batch, q_len)
   kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch, k_len)
-  q_pos, kv_pos = encode_positions(batch, q_len, k_len, is_causal=is_causal,
-                                   q_positions=q_positions, kv_positions=kv_positions,
-                                   q_lengths=q_lengths, kv_lengths=kv_lengths)
+  q_pos, kv_pos = encode_positions(
+    batch,
+    q_len,
+    k_len,
+    is_causal=is_causal,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    q_lengths=q_lengths,
+    kv_lengths=kv_lengths,
+  )
   return q_positions, kv_positions, q_lengths, kv_lengths, q_pos, kv_pos
 
 
-def encode_positions(batch: int, q_len: int, k_len: int, *, is_causal: bool = True,
-                     q_positions=None, kv_positions=None, q_lengths=None, kv_lengths=None
-                     ) -> tuple[Array, Array]:
+def encode_positions(
+  batch: int,
+  q_len: int,
+  k_len: int,
+  *,
+  is_causal: bool = True,
+  q_positions=None,
+  kv_positions=None,
+  q_lengths=None,
+  kv_lengths=None,
+) -> tuple[Array, Array]:
   """The visibility of every key to every query as one rule, int32 [B, Tq] and [B, Tk]:
   key j is visible to query i iff kv_pos[j] <= q_pos[i]. Padding query slots are at
   flash.PAD_QUERY, unread keys at flash.PAD_KEY, non-causal queries at flash.ALL_KEYS."""
   if kv_positions is None:
     kv_positions = jnp.broadcast_to(jnp.arange(k_len, dtype=jnp.int32), (batch, k_len))
   if q_positions is None:
-    q_positions = (kv_positions[:, k_len - q_len:] if q_len <= k_len else
-                   default_positions(batch, q_len, k_len))
-  q_pos = q_positions.astype(jnp.int32) if is_causal else jnp.full((batch, q_len), flash.ALL_KEYS,
-                                                                   jnp.int32)
+    q_positions = (
+      kv_positions[:, k_len - q_len :] if q_len <= k_len else default_positions(batch, q_len, k_len)
+    )
+  q_pos = (
+    q_positions.astype(jnp.int32)
+    if is_causal
+    else jnp.full((batch, q_len), flash.ALL_KEYS, jnp.int32)
+  )
   kv_pos = kv_positions.astype(jnp.int32)
   if q_lengths is not None:
     q_pos = jnp.where(jnp.arange(q_len)[None, :] < q_lengths[:, None], q_pos, flash.PAD_QUERY)
@@ -179,17 +228,17 @@ def encode_positions(batch: int, q_len: int, k_len: int, *, is_causal: bool = Tr
 
 
 def attention_stats(
-    q: Array,
-    k: Array,
-    *,
-    temperature: Union[None, float, Array] = None,
-    is_causal: bool = True,
-    q_positions: Optional[Array] = None,
-    kv_positions: Optional[Array] = None,
-    q_lengths: Optional[Array] = None,
-    kv_lengths: Optional[Array] = None,
-    key_chunk: int = 1024,
-    query_chunk: int = 1024,
+  q: Array,
+  k: Array,
+  *,
+  temperature: Union[None, float, Array] = None,
+  is_causal: bool = True,
+  q_positions: Optional[Array] = None,
+  kv_positions: Optional[Array] = None,
+  q_lengths: Optional[Array] = None,
+  kv_lengths: Optional[Array] = None,
+  key_chunk: int = 1024,
+  query_chunk: int = 1024,
 ) -> ThermoStats:
   """Thermodynamic observables of softmax(q.k / T), float32 [B, Tq, N].
 
@@ -200,14 +249,15 @@ def attention_stats(
   """
   batch, q_len, n_heads, head_dim = _check_qkv(q, k, k)
   temperature_N = _check_temperature(temperature, n_heads, head_dim)
-  *_, q_pos, kv_pos = _visibility(batch, q_len, k.shape[1], is_causal, q_positions,
-                                  kv_positions, q_lengths, kv_lengths)
-  return _stats(q, k, temperature_N, q_pos, kv_pos, key_chunk=key_chunk,
-                query_chunk=query_chunk)
+  *_, q_pos, kv_pos = _visibility(
+    batch, q_len, k.shape[1], is_causal, q_positions, kv_positions, q_lengths, kv_lengths
+  )
+  return _stats(q, k, temperature_N, q_pos, kv_pos, key_chunk=key_chunk, query_chunk=query_chunk)
 
 
-def _stats(q, k, temperature_N, q_pos, kv_pos, *, key_chunk: int = 1024,
-           query_chunk: int = 1024) -> ThermoStats:
+def _stats(
+  q, k, temperature_N, q_pos, kv_pos, *, key_chunk: int = 1024, query_chunk: int = 1024
+) -> ThermoStats:
   """attention_stats on encoded positions (see encode_positions)."""
   batch, q_len, n_heads, head_dim = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
@@ -218,7 +268,8 @@ def _stats(q, k, temperature_N, q_pos, kv_pos, *, key_chunk: int = 1024,
   k_pad = -k_len % k_block
   # [B, Tq, K, G, H] queries scaled by 1/T in float32.
   q_BQKGH = (q.astype(jnp.float32) / temperature_N[:, None]).reshape(
-      batch, q_len, kv_heads, group, head_dim)
+    batch, q_len, kv_heads, group, head_dim
+  )
   q_BQKGH = jnp.pad(q_BQKGH, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
   pos_BQ = jnp.pad(q_pos, ((0, 0), (0, q_pad)), constant_values=flash.PAD_QUERY)
   k_BSKH = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, 0)))
@@ -226,7 +277,9 @@ def _stats(q, k, temperature_N, q_pos, kv_pos, *, key_chunk: int = 1024,
   n_q_blocks = (q_len + q_pad) // q_block
   n_k_blocks = (k_len + k_pad) // k_block
   # Blocks first, for lax.map / lax.scan.
-  q_blocks = jnp.moveaxis(q_BQKGH.reshape(batch, n_q_blocks, q_block, kv_heads, group, head_dim), 1, 0)
+  q_blocks = jnp.moveaxis(
+    q_BQKGH.reshape(batch, n_q_blocks, q_block, kv_heads, group, head_dim), 1, 0
+  )
   pos_blocks = jnp.moveaxis(pos_BQ.reshape(batch, n_q_blocks, q_block), 1, 0)
   k_blocks = jnp.moveaxis(k_BSKH.reshape(batch, n_k_blocks, k_block, kv_heads, head_dim), 1, 0)
   kv_pos_blocks = jnp.moveaxis(kv_pos_BS.reshape(batch, n_k_blocks, k_block), 1, 0)
@@ -236,8 +289,9 @@ def _stats(q, k, temperature_N, q_pos, kv_pos, *, key_chunk: int = 1024,
 
     def merge_key_block(carry, block):
       k_bskh, kv_pos_bs = block
-      s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh.astype(jnp.float32),
-                     preferred_element_type=jnp.float32)
+      s = jnp.einsum(
+        "bqkgh,bskh->bkgqs", q_bqkgh, k_bskh.astype(jnp.float32), preferred_element_type=jnp.float32
+      )
       visible = kv_pos_bs[:, None, :] <= pos_bq[:, :, None]  # [B, q, s]
       visible = jnp.broadcast_to(visible[:, None, None], s.shape)
       return _merge_moments(carry, _block_moments(s, visible)), None
@@ -259,11 +313,11 @@ def _stats(q, k, temperature_N, q_pos, kv_pos, *, key_chunk: int = 1024,
   log_z = m + jnp.log(l_safe)
   t = temperature_N[None, None, :]
   stats = ThermoStats(
-      log_partition=log_z,
-      free_energy=-t * log_z,
-      internal_energy=-t * mean,
-      entropy=log_z - mean,
-      specific_heat=m2 / l_safe,
+    log_partition=log_z,
+    free_energy=-t * log_z,
+    internal_energy=-t * mean,
+    entropy=log_z - mean,
+    specific_heat=m2 / l_safe,
   )
   return jax.tree.map(lambda x: jnp.where(seen, x, jnp.nan), stats)
 
@@ -297,19 +351,32 @@ def _merge_moments(a, b):
 def _check_qkv(q, k, v):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not hasattr(x, "shape") or x.ndim != 4:  # by hand: chex would read a list as several inputs
-      raise ValueError(f"{name} must be a 4-D array [B, T, heads, head_dim], got shape "
-                       f"{getattr(x, 'shape', type(x).__name__)}")
-    chex.assert_type(x, float, custom_message=f"{name} must be floating point",
-                     exception_type=TypeError)
-  chex.assert_equal_shape([k, v], custom_message="k and v must have the same shape",
-                          exception_type=ValueError)
-  chex.assert_trees_all_equal_dtypes(q, k, v, custom_message="q, k and v must share a dtype",
-                                     exception_type=TypeError)
+      raise ValueError(
+        f"{name} must be a 4-D array [B, T, heads, head_dim], got shape "
+        f"{getattr(x, 'shape', type(x).__name__)}"
+      )
+    chex.assert_type(
+      x, float, custom_message=f"{name} must be floating point", exception_type=TypeError
+    )
+  chex.assert_equal_shape(
+    [k, v], custom_message="k and v must have the same shape", exception_type=ValueError
+  )
+  chex.assert_trees_all_equal_dtypes(
+    q, k, v, custom_message="q, k and v must share a dtype", exception_type=TypeError
+  )
   batch, _, n_heads, head_dim = q.shape
-  chex.assert_shape(k, (batch, None, None, head_dim), exception_type=ValueError,
-                    custom_message="q and k must have the same batch size and the same head_dim")
-  chex.assert_is_divisible(n_heads, k.shape[2], exception_type=ValueError,
-                           custom_message="q heads must be a multiple of k/v heads")
+  chex.assert_shape(
+    k,
+    (batch, None, None, head_dim),
+    exception_type=ValueError,
+    custom_message="q and k must have the same batch size and the same head_dim",
+  )
+  chex.assert_is_divisible(
+    n_heads,
+    k.shape[2],
+    exception_type=ValueError,
+    custom_message="q heads must be a multiple of k/v heads",
+  )
   return q.shape
 
 
@@ -324,8 +391,9 @@ def _check_temperature(temperature, n_heads: int, head_dim: int) -> Array:
   temperature = jnp.asarray(temperature, jnp.float32)
   if temperature.shape not in ((), (n_heads,)):
     raise ValueError(
-        f"temperature must be a scalar or a per-head array of shape ({n_heads},), "
-        f"got shape {temperature.shape}")
+      f"temperature must be a scalar or a per-head array of shape ({n_heads},), "
+      f"got shape {temperature.shape}"
+    )
   return jnp.broadcast_to(temperature, (n_heads,))
 
 
@@ -335,10 +403,15 @@ def _check_positions(name: str, positions, batch: int, length: int, lengths=None
   if positions is None:
     return None
   positions = jnp.asarray(positions)
-  chex.assert_type(positions, int, custom_message=f"{name} must be integer",
-                   exception_type=TypeError)
-  chex.assert_shape(positions, (batch, length), custom_message=f"{name} must have shape [B, T]",
-                    exception_type=ValueError)
+  chex.assert_type(
+    positions, int, custom_message=f"{name} must be integer", exception_type=TypeError
+  )
+  chex.assert_shape(
+    positions,
+    (batch, length),
+    custom_message=f"{name} must have shape [B, T]",
+    exception_type=ValueError,
+  )
   if not isinstance(positions, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
     values = np.asarray(positions, np.int64)
     steps = np.diff(values, axis=1) < 0
@@ -356,8 +429,9 @@ def _check_lengths(name: str, lengths, batch: int, limit: int):
     return None
   lengths = jnp.asarray(lengths)
   chex.assert_type(lengths, int, custom_message=f"{name} must be integer", exception_type=TypeError)
-  chex.assert_shape(lengths, (batch,), custom_message=f"{name} must have shape [B]",
-                    exception_type=ValueError)
+  chex.assert_shape(
+    lengths, (batch,), custom_message=f"{name} must have shape [B]", exception_type=ValueError
+  )
   if not isinstance(lengths, jax.core.Tracer):
     values = np.asarray(lengths)
     low, high = int(values.min()), int(values.max())
@@ -369,9 +443,14 @@ def _check_lengths(name: str, lengths, batch: int, limit: int):
 def _resolve_implementation(implementation, dtype, head_dim: int):
   if implementation not in (None, "xla", "cudnn", "pallas"):
     raise ValueError(
-        f"implementation must be 'xla', 'cudnn', 'pallas' or None, got {implementation!r}")
+      f"implementation must be 'xla', 'cudnn', 'pallas' or None, got {implementation!r}"
+    )
   if implementation is not None:
     return implementation
-  cudnn_ok = (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-              and head_dim % 8 == 0 and head_dim <= 128)
+  cudnn_ok = (
+    jax.default_backend() == "gpu"
+    and dtype in (jnp.bfloat16, jnp.float16)
+    and head_dim % 8 == 0
+    and head_dim <= 128
+  )
   return "cudnn" if cudnn_ok else "xla"

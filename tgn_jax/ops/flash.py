@@ -68,9 +68,16 @@ class FlashBlocks:
         raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
 
 
-def flash_attention(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, *,
-                    blocks: FlashBlocks = FlashBlocks(), interpret: Optional[bool] = None
-                    ) -> tuple[Array, Array]:
+def flash_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  q_pos: Array,
+  kv_pos: Array,
+  *,
+  blocks: FlashBlocks = FlashBlocks(),
+  interpret: Optional[bool] = None,
+) -> tuple[Array, Array]:
   """(out [B, Tq, N, H], lse float32 [B, Tq, N]); see the module docstring.
 
   Wrong ranks or shapes raise ValueError, wrong dtypes TypeError (chex assertions).
@@ -82,39 +89,69 @@ def flash_attention(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, *
   k_len = k.shape[1]
   # Few queries (decoding: one): query tiles no larger than needed.
   fit = max(16, _next_power_of_2(q_len))
-  blocks = dataclasses.replace(blocks, block_q=min(blocks.block_q, fit),
-                               block_q_bwd=min(blocks.block_q_bwd, fit))
+  blocks = dataclasses.replace(
+    blocks, block_q=min(blocks.block_q, fit), block_q_bwd=min(blocks.block_q_bwd, fit)
+  )
   q_tile = max(blocks.block_q, blocks.block_q_bwd)
   k_tile = max(blocks.block_k, blocks.block_k_bwd)
   q_pad, k_pad = -q_len % q_tile, -k_len % k_tile
   h_pad = max(16, _next_power_of_2(head_dim)) - head_dim  # Triton's dot: a power of 2, >= 16
-  pad = lambda x, n, value=0: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),
-                                      constant_values=value)
+  pad = lambda x, n, value=0: jnp.pad(
+    x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2), constant_values=value
+  )
   pad_h = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, h_pad),)) if h_pad else x
-  out, lse = _flash(pad_h(pad(q, q_pad)), pad_h(pad(k, k_pad)), pad_h(pad(v, k_pad)),
-                    pad(q_pos.astype(jnp.int32), q_pad, PAD_QUERY),
-                    pad(kv_pos.astype(jnp.int32), k_pad, PAD_KEY), blocks, interpret)
+  out, lse = _flash(
+    pad_h(pad(q, q_pad)),
+    pad_h(pad(k, k_pad)),
+    pad_h(pad(v, k_pad)),
+    pad(q_pos.astype(jnp.int32), q_pad, PAD_QUERY),
+    pad(kv_pos.astype(jnp.int32), k_pad, PAD_KEY),
+    blocks,
+    interpret,
+  )
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
 def _check_arguments(q, k, v, q_pos, kv_pos) -> None:
   layout = "flash_attention: q, k and v must be [B, T, heads, head_dim]"
   chex.assert_rank([q, k, v], 4, custom_message=layout, exception_type=ValueError)
-  chex.assert_equal_shape([k, v], custom_message="flash_attention: k and v must have one shape",
-                          exception_type=ValueError)
+  chex.assert_equal_shape(
+    [k, v], custom_message="flash_attention: k and v must have one shape", exception_type=ValueError
+  )
   batch, q_len, n_heads, head_dim = q.shape
-  chex.assert_shape(k, (batch, None, None, head_dim), exception_type=ValueError,
-                    custom_message="flash_attention: k must be [B, Tk, K, H] with q's B and H")
-  chex.assert_is_divisible(n_heads, k.shape[2], exception_type=ValueError,
-                           custom_message="flash_attention: q heads must be a multiple of k heads")
-  chex.assert_trees_all_equal_dtypes(q, k, v, exception_type=TypeError,
-                                     custom_message="flash_attention: q, k, v must share a dtype")
-  chex.assert_shape(q_pos, (batch, q_len), exception_type=ValueError,
-                    custom_message="flash_attention: q_pos must be [B, Tq]")
-  chex.assert_shape(kv_pos, (batch, k.shape[1]), exception_type=ValueError,
-                    custom_message="flash_attention: kv_pos must be [B, Tk]")
-  chex.assert_type([q_pos, kv_pos], int, exception_type=TypeError,
-                   custom_message="flash_attention: q_pos and kv_pos must be integer")
+  chex.assert_shape(
+    k,
+    (batch, None, None, head_dim),
+    exception_type=ValueError,
+    custom_message="flash_attention: k must be [B, Tk, K, H] with q's B and H",
+  )
+  chex.assert_is_divisible(
+    n_heads,
+    k.shape[2],
+    exception_type=ValueError,
+    custom_message="flash_attention: q heads must be a multiple of k heads",
+  )
+  chex.assert_trees_all_equal_dtypes(
+    q, k, v, exception_type=TypeError, custom_message="flash_attention: q, k, v must share a dtype"
+  )
+  chex.assert_shape(
+    q_pos,
+    (batch, q_len),
+    exception_type=ValueError,
+    custom_message="flash_attention: q_pos must be [B, Tq]",
+  )
+  chex.assert_shape(
+    kv_pos,
+    (batch, k.shape[1]),
+    exception_type=ValueError,
+    custom_message="flash_attention: kv_pos must be [B, Tk]",
+  )
+  chex.assert_type(
+    [q_pos, kv_pos],
+    int,
+    exception_type=TypeError,
+    custom_message="flash_attention: q_pos and kv_pos must be integer",
+  )
 
 
 # ------------------------------------------------------------------------------ bounds
@@ -158,8 +195,20 @@ def _logits(q, k, f32: bool):
   return plgpu.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, every_ref, some_ref,
-                    o_ref, lse_ref, *, block_k: int, f32: bool):
+def _forward_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  q_pos_ref,
+  kv_pos_ref,
+  every_ref,
+  some_ref,
+  o_ref,
+  lse_ref,
+  *,
+  block_k: int,
+  f32: bool,
+):
   q = q_ref[...]
   q_pos = q_pos_ref[...]
   block_q, head_dim = q.shape
@@ -177,25 +226,45 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, every_ref, some_
       if masked:  # a row with nothing visible yet must not count masked keys
         p = jnp.where(visible, p, 0.0)
       alpha = jnp.exp(m - m_next)
-      o = alpha[:, None] * o + plgpu.dot(p.astype(v_ref.dtype), v_ref[keys, :],
-                                         allow_tf32=False if f32 else None)
+      o = alpha[:, None] * o + plgpu.dot(
+        p.astype(v_ref.dtype), v_ref[keys, :], allow_tf32=False if f32 else None
+      )
       return o, m_next, alpha * l + jnp.sum(p, axis=1)
+
     return body
 
-  carry = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), _NEG, jnp.float32),
-           jnp.zeros((block_q,), jnp.float32))
+  carry = (
+    jnp.zeros((block_q, head_dim), jnp.float32),
+    jnp.full((block_q,), _NEG, jnp.float32),
+    jnp.zeros((block_q,), jnp.float32),
+  )
   every, some = every_ref[...], some_ref[...]
   full_tiles = every // block_k
   carry = jax.lax.fori_loop(0, full_tiles, step(False), carry)
   o, m, l = jax.lax.fori_loop(full_tiles, pl.cdiv(some, block_k), step(True), carry)
   seen = l > 0.0
   o_ref[...] = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(
-      o_ref.dtype)
+    o_ref.dtype
+  )
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NO_KEY_LSE)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref,
-               every_ref, some_ref, dq_ref, *, block_k: int, f32: bool):
+def _dq_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  q_pos_ref,
+  kv_pos_ref,
+  every_ref,
+  some_ref,
+  dq_ref,
+  *,
+  block_k: int,
+  f32: bool,
+):
   q, do = q_ref[...], do_ref[...]
   lse, delta, q_pos = lse_ref[...], delta_ref[...], q_pos_ref[...]
   tf32 = False if f32 else None
@@ -210,6 +279,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_po
       dp = plgpu.dot(do, v_ref[keys, :], trans_b=True, allow_tf32=tf32)
       ds = p * (dp - delta[:, None])
       return dq + plgpu.dot(ds.astype(k.dtype), k, allow_tf32=tf32)
+
     return body
 
   dq = jnp.zeros(q.shape, jnp.float32)
@@ -220,8 +290,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_po
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref,
-                start_ref, full_ref, n_queries_ref, dk_ref, dv_ref, *, block_q: int, f32: bool):
+def _dkv_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  q_pos_ref,
+  kv_pos_ref,
+  start_ref,
+  full_ref,
+  n_queries_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  block_q: int,
+  f32: bool,
+):
   k, v, kv_pos = k_ref[...], v_ref[...], kv_pos_ref[...]
   tf32 = False if f32 else None
 
@@ -237,6 +323,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_p
       dp = plgpu.dot(do, v, trans_b=True, allow_tf32=tf32)
       ds = p * (dp - delta_ref[queries][:, None])
       return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, allow_tf32=tf32), dv
+
     return body
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -267,31 +354,35 @@ def _forward(q, k, v, q_pos, kv_pos, blocks: FlashBlocks, interpret: bool):
   every, some = _query_tile_bounds(q_pos, kv_pos, bq)
   tile = lambda i, b, n: (b, i)
   out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, block_k=bk, f32=q.dtype == jnp.float32),
-      grid=(q_len // bq, batch, n_heads),
-      in_specs=[
-          pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((None, k_len, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
-          pl.BlockSpec((None, k_len, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
-          pl.BlockSpec((None, bq), tile),
-          pl.BlockSpec((None, k_len), lambda i, b, n: (b, 0)),
-          pl.BlockSpec((None, None), tile),
-          pl.BlockSpec((None, None), tile),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, n_heads, q_len), jnp.float32)],
-      compiler_params=_params(blocks, head_dim), interpret=interpret,
-      name="tgn_flash_forward",
+    functools.partial(_forward_kernel, block_k=bk, f32=q.dtype == jnp.float32),
+    grid=(q_len // bq, batch, n_heads),
+    in_specs=[
+      pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+      pl.BlockSpec((None, k_len, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
+      pl.BlockSpec((None, k_len, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
+      pl.BlockSpec((None, bq), tile),
+      pl.BlockSpec((None, k_len), lambda i, b, n: (b, 0)),
+      pl.BlockSpec((None, None), tile),
+      pl.BlockSpec((None, None), tile),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, n_heads, q_len), jnp.float32),
+    ],
+    compiler_params=_params(blocks, head_dim),
+    interpret=interpret,
+    name="tgn_flash_forward",
   )(q, k, v, q_pos, kv_pos, every, some)
   return out, lse
 
 
-def _backward(q, k, v, q_pos, kv_pos, out, lse_BNQ, d_out, d_lse_BNQ, blocks: FlashBlocks,
-              interpret: bool):
+def _backward(
+  q, k, v, q_pos, kv_pos, out, lse_BNQ, d_out, d_lse_BNQ, blocks: FlashBlocks, interpret: bool
+):
   batch, q_len, n_heads, head_dim = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
   group = n_heads // kv_heads
@@ -308,43 +399,51 @@ def _backward(q, k, v, q_pos, kv_pos, out, lse_BNQ, d_out, d_lse_BNQ, blocks: Fl
   every, some = _query_tile_bounds(q_pos, kv_pos, bq)
   tile = lambda i, b, n: (b, i)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_k=bk, f32=f32),
-      grid=(q_len // bq, batch, n_heads),
-      in_specs=[
-          pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-          whole_kv, whole_kv,
-          pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
-          pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
-          pl.BlockSpec((None, bq), tile),
-          pl.BlockSpec((None, k_len), lambda i, b, n: (b, 0)),
-          pl.BlockSpec((None, None), tile),
-          pl.BlockSpec((None, None), tile),
-      ],
-      out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
-      compiler_params=params, interpret=interpret, name="tgn_flash_dq",
+    functools.partial(_dq_kernel, block_k=bk, f32=f32),
+    grid=(q_len // bq, batch, n_heads),
+    in_specs=[
+      pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+      whole_kv,
+      whole_kv,
+      pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+      pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+      pl.BlockSpec((None, bq), tile),
+      pl.BlockSpec((None, k_len), lambda i, b, n: (b, 0)),
+      pl.BlockSpec((None, None), tile),
+      pl.BlockSpec((None, None), tile),
+    ],
+    out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+    out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
+    compiler_params=params,
+    interpret=interpret,
+    name="tgn_flash_dq",
   )(q, k, v, d_out, lse, delta, q_pos, kv_pos, every, some)
 
   starts, fulls, n_queries = _key_tile_bounds(q_pos, kv_pos, bk)
   key_tile = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, n: (b, j, n // group, 0))
   head_tile = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, n: (b, j, n, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=bq, f32=f32),
-      grid=(k_len // bk, batch, n_heads),
-      in_specs=[
-          whole_q, key_tile, key_tile, whole_q,
-          pl.BlockSpec((None, None, q_len), lambda j, b, n: (b, n, 0)),
-          pl.BlockSpec((None, None, q_len), lambda j, b, n: (b, n, 0)),
-          pl.BlockSpec((None, q_len), lambda j, b, n: (b, 0)),
-          pl.BlockSpec((None, bk), lambda j, b, n: (b, j)),
-          pl.BlockSpec((None, None), lambda j, b, n: (b, j)),
-          pl.BlockSpec((None, None), lambda j, b, n: (b, j)),
-          pl.BlockSpec((None,), lambda j, b, n: (b,)),
-      ],
-      out_specs=[head_tile, head_tile],
-      out_shape=[jax.ShapeDtypeStruct((batch, k_len, n_heads, head_dim), jnp.float32)] * 2,
-      compiler_params=params, interpret=interpret, name="tgn_flash_dkv",
+    functools.partial(_dkv_kernel, block_q=bq, f32=f32),
+    grid=(k_len // bk, batch, n_heads),
+    in_specs=[
+      whole_q,
+      key_tile,
+      key_tile,
+      whole_q,
+      pl.BlockSpec((None, None, q_len), lambda j, b, n: (b, n, 0)),
+      pl.BlockSpec((None, None, q_len), lambda j, b, n: (b, n, 0)),
+      pl.BlockSpec((None, q_len), lambda j, b, n: (b, 0)),
+      pl.BlockSpec((None, bk), lambda j, b, n: (b, j)),
+      pl.BlockSpec((None, None), lambda j, b, n: (b, j)),
+      pl.BlockSpec((None, None), lambda j, b, n: (b, j)),
+      pl.BlockSpec((None,), lambda j, b, n: (b,)),
+    ],
+    out_specs=[head_tile, head_tile],
+    out_shape=[jax.ShapeDtypeStruct((batch, k_len, n_heads, head_dim), jnp.float32)] * 2,
+    compiler_params=params,
+    interpret=interpret,
+    name="tgn_flash_dkv",
   )(q, k, v, d_out, lse, delta, q_pos, kv_pos, starts, fulls, n_queries)
   # Per query head; the heads of a group share their key/value head.
   grouped = lambda x: x.reshape(batch, k_len, kv_heads, group, head_dim).sum(axis=3)
@@ -365,8 +464,19 @@ def _flash_fwd(q, k, v, q_pos, kv_pos, blocks, interpret):
 def _flash_bwd(blocks, interpret, residuals, cotangents):
   q, k, v, q_pos, kv_pos, out, lse_BNQ = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv = _backward(q, k, v, q_pos, kv_pos, out, lse_BNQ, d_out,
-                         jnp.swapaxes(d_lse, 1, 2).astype(jnp.float32), blocks, interpret)
+  dq, dk, dv = _backward(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    out,
+    lse_BNQ,
+    d_out,
+    jnp.swapaxes(d_lse, 1, 2).astype(jnp.float32),
+    blocks,
+    interpret,
+  )
   return dq, dk, dv, None, None
 
 

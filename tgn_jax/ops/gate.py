@@ -89,8 +89,11 @@ def token_slots(selected_BT: Array, capacity: int) -> Slots:
   # Unselected and overflowing tokens write to a spare slot C that is cut off.
   slot_BT = jnp.where(selected_BT & (rank_BT < capacity), rank_BT, capacity)
   rows = jnp.arange(batch)[:, None]
-  held = jnp.zeros((batch, capacity + 1), jnp.int32).at[rows, slot_BT].set(
-      jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)))[:, :capacity]
+  held = (
+    jnp.zeros((batch, capacity + 1), jnp.int32)
+    .at[rows, slot_BT]
+    .set(jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)))[:, :capacity]
+  )
   lengths = jnp.minimum(counts, capacity)
   in_use = jnp.arange(capacity, dtype=jnp.int32)[None, :] < lengths[:, None]
   positions = jnp.where(in_use, held, 0)
@@ -98,8 +101,9 @@ def token_slots(selected_BT: Array, capacity: int) -> Slots:
   return Slots(positions, lengths, counts, scatter)
 
 
-def route(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree, capacity: int
-          ) -> tuple[PyTree, Array]:
+def route(
+  fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree, capacity: int
+) -> tuple[PyTree, Array]:
   """Evaluates fn at the selected tokens only; zeros elsewhere.
 
   Args:
@@ -124,8 +128,13 @@ def route(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree, capac
   gathered = jax.tree.map(lambda x: x[rows, slots.positions_BC], operands)
   outputs = fn(gathered, slots.positions_BC, slots.lengths_B)
   scattered = jax.tree.map(
-      lambda y: jnp.zeros((batch, seq_len) + y.shape[2:], y.dtype).at[rows, slots.scatter_BC].set(
-          y, mode="drop", indices_are_sorted=True, unique_indices=True), outputs)
+    lambda y: (
+      jnp.zeros((batch, seq_len) + y.shape[2:], y.dtype)
+      .at[rows, slots.scatter_BC]
+      .set(y, mode="drop", indices_are_sorted=True, unique_indices=True)
+    ),
+    outputs,
+  )
   return scattered, slots.counts_B
 
 
@@ -145,20 +154,25 @@ def segment_bounds(seq_len: int, segment_len: int) -> list[tuple[int, int]]:
   return [(start, min(start + segment_len, seq_len)) for start in range(0, seq_len, segment_len)]
 
 
-def segment_capacities(seq_len: int, fraction: float, segment_len: int, multiple: int = 1
-                       ) -> list[tuple[int, int, int]]:
+def segment_capacities(
+  seq_len: int, fraction: float, segment_len: int, multiple: int = 1
+) -> list[tuple[int, int, int]]:
   """[(start, end, capacity)] of the segments routing gathers: each segment's capacity is
   `fraction` of its length rounded up to `multiple` (capacity_tokens)."""
-  return [(start, end, capacity_tokens(end - start, fraction, multiple))
-          for start, end in segment_bounds(seq_len, segment_len)]
+  return [
+    (start, end, capacity_tokens(end - start, fraction, multiple))
+    for start, end in segment_bounds(seq_len, segment_len)
+  ]
 
 
-def count_report(selected_BT: Array, fraction: float, segment_len: int, multiple: int = 1
-                 ) -> RouteReport:
+def count_report(
+  selected_BT: Array, fraction: float, segment_len: int, multiple: int = 1
+) -> RouteReport:
   """The RouteReport of routing selected_BT at this capacity fraction, without routing."""
   overflow, needed = jnp.bool_(False), jnp.float32(0.0)
-  for start, end, capacity in segment_capacities(selected_BT.shape[1], fraction, segment_len,
-                                                 multiple):
+  for start, end, capacity in segment_capacities(
+    selected_BT.shape[1], fraction, segment_len, multiple
+  ):
     counts = jnp.sum(selected_BT[:, start:end], axis=1, dtype=jnp.int32)
     overflow = overflow | jnp.any(counts > capacity)
     needed = jnp.maximum(needed, jnp.max(counts).astype(jnp.float32) / (end - start))
@@ -176,13 +190,19 @@ def gathered_slots(seq_len: int, fraction: float, segment_len: int, multiple: in
   """Query slots per row that attention computes at this capacity (seq_len when dense)."""
   if computes_densely(seq_len, fraction, segment_len, multiple):
     return seq_len
-  return sum(capacity for _, _, capacity in
-             segment_capacities(seq_len, fraction, segment_len, multiple))
+  return sum(
+    capacity for _, _, capacity in segment_capacities(seq_len, fraction, segment_len, multiple)
+  )
 
 
-def route_causal_segments(fn: Callable[..., PyTree], selected_BT: Array, operands: PyTree,
-                          fraction: float, segment_len: int, multiple: int = 1
-                          ) -> tuple[PyTree, RouteReport]:
+def route_causal_segments(
+  fn: Callable[..., PyTree],
+  selected_BT: Array,
+  operands: PyTree,
+  fraction: float,
+  segment_len: int,
+  multiple: int = 1,
+) -> tuple[PyTree, RouteReport]:
   """`route` run separately on consecutive segments of the sequence.
 
   fn(gathered, positions_BC, lengths_B, segment_end) also gets the static end of the
@@ -192,19 +212,25 @@ def route_causal_segments(fn: Callable[..., PyTree], selected_BT: Array, operand
   RouteReport; with overflow set, some selected tokens were not computed.
   """
   outputs = []
-  for start, end, capacity in segment_capacities(selected_BT.shape[1], fraction, segment_len,
-                                                 multiple):
+  for start, end, capacity in segment_capacities(
+    selected_BT.shape[1], fraction, segment_len, multiple
+  ):
     # Padding slots sit at the segment's first position: harmless, and never read back.
     segment_fn = lambda x, pos, lengths, start=start, end=end: fn(x, pos + start, lengths, end)
-    out, _ = route(segment_fn, selected_BT[:, start:end],
-                   jax.tree.map(lambda x: x[:, start:end], operands), capacity)
+    out, _ = route(
+      segment_fn,
+      selected_BT[:, start:end],
+      jax.tree.map(lambda x: x[:, start:end], operands),
+      capacity,
+    )
     outputs.append(out)
   outputs = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outputs)
   return outputs, count_report(selected_BT, fraction, segment_len, multiple)
 
 
-def distinct_fractions(fractions: Sequence[float], seq_len: int, segment_len: int,
-                       multiple: int = 1) -> tuple[float, ...]:
+def distinct_fractions(
+  fractions: Sequence[float], seq_len: int, segment_len: int, multiple: int = 1
+) -> tuple[float, ...]:
   """The capacity fractions that give different programs at this length: of fractions
   with equal slot counts the largest (it holds the most), and 1.0 for every fraction
   that computes densely."""
@@ -231,13 +257,23 @@ class CapacityLadder:
 
   WINDOW = 50
 
-  def __init__(self, fractions: Sequence[float], *, headroom: float = 0.1,
-               window: int = WINDOW, recent: Sequence[float] = ()):
+  def __init__(
+    self,
+    fractions: Sequence[float],
+    *,
+    headroom: float = 0.1,
+    window: int = WINDOW,
+    recent: Sequence[float] = (),
+  ):
     """recent: needs of earlier calls, oldest first (a ladder's `recent`, to resume it;
     negative or non-finite values are padding and skipped)."""
     fractions = tuple(float(f) for f in fractions)
-    if not fractions or fractions[-1] != 1.0 or list(fractions) != sorted(set(fractions)) or (
-        fractions[0] <= 0.0):
+    if (
+      not fractions
+      or fractions[-1] != 1.0
+      or list(fractions) != sorted(set(fractions))
+      or (fractions[0] <= 0.0)
+    ):
       raise ValueError(f"fractions must increase in (0, 1] and end with 1.0, got {fractions}")
     if not headroom >= 0.0:
       raise ValueError(f"headroom must be >= 0, got {headroom}")
@@ -246,7 +282,8 @@ class CapacityLadder:
     self.fractions = fractions
     self.headroom = headroom
     self._recent: collections.deque = collections.deque(
-        (float(x) for x in recent if math.isfinite(x) and x >= 0), maxlen=window)
+      (float(x) for x in recent if math.isfinite(x) and x >= 0), maxlen=window
+    )
     self.current = self._choose()
 
   @property

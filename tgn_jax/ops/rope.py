@@ -15,12 +15,21 @@ def apply_rope(x_BTNH: Array, positions_BT: Array, base: float = 10_000.0) -> Ar
   x [B, T, N, H] (H even), positions int [B, T]; computed in float32, returned in x's dtype.
   Wrong shapes raise ValueError (chex assertions).
   """
-  chex.assert_rank(x_BTNH, 4, custom_message="apply_rope: x must be [B, T, N, H]",
-                   exception_type=ValueError)
-  chex.assert_shape(positions_BT, x_BTNH.shape[:2], exception_type=ValueError,
-                    custom_message="apply_rope: positions must be [B, T], x's first two axes")
-  chex.assert_is_divisible(x_BTNH.shape[-1], 2, exception_type=ValueError,
-                           custom_message="apply_rope: the head dimension H must be even")
+  chex.assert_rank(
+    x_BTNH, 4, custom_message="apply_rope: x must be [B, T, N, H]", exception_type=ValueError
+  )
+  chex.assert_shape(
+    positions_BT,
+    x_BTNH.shape[:2],
+    exception_type=ValueError,
+    custom_message="apply_rope: positions must be [B, T], x's first two axes",
+  )
+  chex.assert_is_divisible(
+    x_BTNH.shape[-1],
+    2,
+    exception_type=ValueError,
+    custom_message="apply_rope: the head dimension H must be even",
+  )
   head_dim = x_BTNH.shape[-1]
   half = head_dim // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import sys
 import typing
@@ -11,8 +10,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tgn_jax.data import DataError
-from tgn_jax.training.config import (OPTIONS, PRESETS, ConfigError, Option, flatten, nest,
-                                     resolve)
+from tgn_jax.training.config import OPTIONS, PRESETS, ConfigError, Option, flatten, nest, resolve
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -26,6 +24,7 @@ class _Parser(argparse.ArgumentParser):
 def _none_or(cast):
   def parse(text: str):
     return None if text.lower() in ("none", "null", "") else cast(text)
+
   parse.__name__ = getattr(cast, "__name__", "value")
   return parse
 
@@ -51,8 +50,10 @@ def _parse_kwargs(option: Option) -> dict[str, Any]:
     return {"type": _none_or(_floats), "metavar": "F,F,..."}
   if option.choices is not None:  # checked by the config, whose message lists the choices
     optional = type(None) in typing.get_args(kind)
-    return {"type": _none_or(str) if optional else str,
-            "metavar": "{" + ",".join(map(str, option.choices)) + "}"}
+    return {
+      "type": _none_or(str) if optional else str,
+      "metavar": "{" + ",".join(map(str, option.choices)) + "}",
+    }
   inner = [a for a in typing.get_args(kind) if a is not type(None)]
   base = inner[0] if inner else kind
   if base is bool:
@@ -63,21 +64,28 @@ def _parse_kwargs(option: Option) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
   presets = "\n".join(
-      f"  {task}: " + ", ".join(f"{path}={v}" for path, v in flatten(preset).items())
-      for task, preset in PRESETS.items())
+    f"  {task}: " + ", ".join(f"{path}={v}" for path, v in flatten(preset).items())
+    for task, preset in PRESETS.items()
+  )
   parser = _Parser(
-      prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Train a Thermodynamic Gated Network (or a baseline) by minimising the free "
-                  "energy  loss = cross-entropy + lam * mean gate.\n\nEvery setting is "
-                  "--SECTION.FIELD (sections: task, model, optimizer, thermostat, run); "
-                  "the model section is tgn_jax.TGNConfig. Most also have a short flat "
-                  "spelling (--d_model for --model.d_model).",
-      epilog="Defaults shown are the dataclasses'; each task first applies its preset:\n"
-             + presets + "\nPrecedence: defaults < task preset < --config file < flags.")
-  parser.add_argument("--config", metavar="FILE",
-                      help="JSON object of options, nested by section like the run's "
-                           "config.json (flags override it)")
+    prog="train.py",
+    allow_abbrev=False,
+    argument_default=argparse.SUPPRESS,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    description="Train a Thermodynamic Gated Network (or a baseline) by minimising the free "
+    "energy  loss = cross-entropy + lam * mean gate.\n\nEvery setting is "
+    "--SECTION.FIELD (sections: task, model, optimizer, thermostat, run); "
+    "the model section is tgn_jax.TGNConfig. Most also have a short flat "
+    "spelling (--d_model for --model.d_model).",
+    epilog="Defaults shown are the dataclasses'; each task first applies its preset:\n"
+    + presets
+    + "\nPrecedence: defaults < task preset < --config file < flags.",
+  )
+  parser.add_argument(
+    "--config",
+    metavar="FILE",
+    help="JSON object of options, nested by section like the run's config.json (flags override it)",
+  )
   groups = {}
   for option in OPTIONS.values():
     section = option.path.split(".", 1)[0]
@@ -87,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     if option.alias and option.alias != option.path:
       names.append(f"--{option.alias}")
     default = "" if option.default is None else f" (default: {_shown(option.default)})"
-    groups[section].add_argument(*names, dest=option.path, help=option.help + default,
-                                 **_parse_kwargs(option))
+    groups[section].add_argument(
+      *names, dest=option.path, help=option.help + default, **_parse_kwargs(option)
+    )
   return parser
 
 
@@ -111,6 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from tgn_jax.training import sharding
   from tgn_jax.training.loop import CheckpointError, NonFiniteError, prepare, train
   from tgn_jax.training.rundir import RunDir, check_resume_changes
+
   explicit = vars(build_parser().parse_args(argv))
   config_file = explicit.pop("config", None)
   try:
@@ -151,11 +161,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def jax_process_index() -> int:
   import jax
+
   return jax.process_index()
 
 
 def jax_process_count() -> int:
   import jax
+
   return jax.process_count()
 
 
@@ -163,6 +175,7 @@ def _file_values(path: Optional[str]) -> dict[str, Any]:
   """The options a --config file sets, nested (none without one; resolve reports a bad
   file)."""
   import json
+
   if path is None:
     return {}
   try:
@@ -186,8 +199,10 @@ def format_summary(s: dict[str, Any]) -> str:
   if final.get("open_rate_scored") and final.get("open_rate_unscored") is not None:
     scored, unscored = final["open_rate_scored"], final["open_rate_unscored"]
     layers = len(scored)
-    parts.append(f"open at queries {sum(scored) / layers:.3f}, elsewhere "
-                 f"{sum(unscored) / layers:.3f} (oracle overall {final['oracle_open_rate']:.3f})")
+    parts.append(
+      f"open at queries {sum(scored) / layers:.3f}, elsewhere "
+      f"{sum(unscored) / layers:.3f} (oracle overall {final['oracle_open_rate']:.3f})"
+    )
   parts.append(f"lambda {s['lam']:.4g}")
   parts.append(f"{s['wall_seconds']:.0f} s")
   if s.get("tokens_per_sec"):

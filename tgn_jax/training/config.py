@@ -40,8 +40,12 @@ class TaskConfig:
   vocab_size: int = _field(64, "mqar vocabulary size (keys: first half, values: second)")
   num_kv: int = _field(4, "mqar key-value pairs per sequence")
   power_a: float = _field(0.01, "mqar power-law exponent of query spacing")
-  fillers: str = _field("random", "mqar tokens between the queries: random (any token) | zero "
-                        "(token 0, as in the Zoology paper's grid)", choices=("random", "zero"))
+  fillers: str = _field(
+    "random",
+    "mqar tokens between the queries: random (any token) | zero "
+    "(token 0, as in the Zoology paper's grid)",
+    choices=("random", "zero"),
+  )
   eval_examples: int = _field(1000, "mqar held-out sequences")
   p: int = _field(113, "modadd modulus")
   train_fraction: float = _field(0.3, "modadd fraction of the p*p pairs used for training")
@@ -63,40 +67,48 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ThermostatConfig:
-  lam: float = _field(0.0, "temperature lambda of the free energy (initial value with "
-                      "--target_rate)")
-  target_rate: Optional[float] = _field(0.25, "hard open-rate target of the thermostat (none: "
-                                        "fixed lambda)")
+  lam: float = _field(
+    0.0, "temperature lambda of the free energy (initial value with --target_rate)"
+  )
+  target_rate: Optional[float] = _field(
+    0.25, "hard open-rate target of the thermostat (none: fixed lambda)"
+  )
   lam_lr: float = _field(0.05, "thermostat gain: lambda *= exp(lam_lr * (rate - target))")
   lam_min: float = _field(0.01, "thermostat floor for lambda while it is being adjusted")
   lam_warmup: Optional[int] = _field(
-      None, "steps before lambda acts, then a linear ramp over as many again (default: "
-      "steps // 3)")
+    None, "steps before lambda acts, then a linear ramp over as many again (default: steps // 3)"
+  )
   soft_warmup: Optional[int] = _field(
-      None, "hard gate: steps trained first with the soft gate (dense attention) so that both "
-      "channels learn before the gate hardens (default: the lambda warm-up)")
+    None,
+    "hard gate: steps trained first with the soft gate (dense attention) so that both "
+    "channels learn before the gate hardens (default: the lambda warm-up)",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class AblationConfig:
   reference_gate: Optional[str] = _field(
-      None, "replace the learned hard gate: oracle (open at the scored positions in the last "
-      "layer, closed elsewhere) | random (Bernoulli at --reference_rates)",
-      choices=(None, "oracle", "random"))
+    None,
+    "replace the learned hard gate: oracle (open at the scored positions in the last "
+    "layer, closed elsewhere) | random (Bernoulli at --reference_rates)",
+    choices=(None, "oracle", "random"),
+  )
   reference_rates: Optional[tuple[float, ...]] = _field(
-      None, "random reference gate: open rate per layer (comma-separated; one value: every "
-      "layer)")
+    None, "random reference gate: open rate per layer (comma-separated; one value: every layer)"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   steps: int = _field(1500, "optimizer steps")
-  out: Optional[str] = _field(None, "run directory (metrics, summary, plots, checkpoints; "
-                              "default: runs/TASK-DATE-TIME)")
+  out: Optional[str] = _field(
+    None, "run directory (metrics, summary, plots, checkpoints; default: runs/TASK-DATE-TIME)"
+  )
   seed: int = _field(0, "seed for initialisation, data order and gate randomness")
   resume: bool = _field(False, "continue the run in --out from its latest checkpoint")
-  on_nonfinite: str = _field("skip", "non-finite gradients: skip the update | stop the run",
-                             choices=("skip", "stop"))
+  on_nonfinite: str = _field(
+    "skip", "non-finite gradients: skip the update | stop the run", choices=("skip", "stop")
+  )
   max_nonfinite: int = _field(20, "consecutive skipped updates after which the run stops")
   log_every: int = _field(10, "steps between metric records")
   eval_every: int = _field(250, "steps between evaluations")
@@ -105,11 +117,15 @@ class RunConfig:
   progress: bool = _field(True, "show a progress bar")
   plots: bool = _field(True, "write plots/*.png at the end of the run")
   mesh: Optional[str] = _field(
-      None, "device mesh data:D,fsdp:F: the batch over both axes, parameters and optimiser "
-      "state sharded over fsdp (default: every device on data)")
+    None,
+    "device mesh data:D,fsdp:F: the batch over both axes, parameters and optimiser "
+    "state sharded over fsdp (default: every device on data)",
+  )
   coordinator: Optional[str] = _field(
-      None, "several hosts: HOST:PORT of process 0 (with --num_processes and --process_id; "
-      "without the three, jax's own detection on a known cluster)")
+    None,
+    "several hosts: HOST:PORT of process 0 (with --num_processes and --process_id; "
+    "without the three, jax's own detection on a known cluster)",
+  )
   num_processes: Optional[int] = _field(None, "several hosts: how many processes")
   process_id: Optional[int] = _field(None, "several hosts: this process's index, 0 .. N-1")
 
@@ -117,46 +133,51 @@ class RunConfig:
 # One line of help per TGNConfig field that a training run sets (vocab_size and max_seq_len
 # come from the task); tgn_jax.config.TGNConfig documents them in full.
 MODEL_HELP = {
-    "d_model": "model width",
-    "n_layers": "layers",
-    "n_heads": "attention heads",
-    "n_kv_heads": "key-value heads (grouped-query attention; default: n_heads)",
-    "d_mlp": "MLP width (default 4 * d_model)",
-    "mixer": "tgn | attention | recurrent",
-    "recurrence": "mingru | gru",
-    "gate": "soft | hard | open | closed",
-    "gate_threshold": "hard gate: open where the gate probability exceeds this",
-    "gate_sampling": "Bernoulli-sample the hard gate in training",
-    "gate_hidden": "gate MLP width (default max(8, d_model // 4))",
-    "gate_input": "what the gate reads: recurrence (its output) | both (also the block input)",
-    "gate_bias_init": "initial gate logit bias (0: open probability 1/2)",
-    "attention_execution": "sparse | dense (default: sparse for the hard gate)",
-    "kv": "keys and values: all (every token) | open (open tokens only)",
-    "capacity_buckets": "routing capacities, comma-separated increasing fractions ending in 1",
-    "segment_len": "sparse attention gather segment length",
-    "capacity_multiple": "routing capacities are rounded up to a multiple of this",
-    "temperature": "attention temperature: a number, 'learned' or none (sqrt(head_dim))",
-    "exploration": "closed-gate attention computed for the gate gradient, as a fraction of "
-                   "the open tokens' attention work",
-    "exploration_floor": "fraction of closed-gate tokens explored at least",
-    "rope": "rotary position embeddings",
-    "rope_base": "rotary embedding base",
-    "attention_impl": "xla | cudnn | pallas (default: cuDNN on GPU in 16 bits, else XLA)",
-    "dtype": "compute dtype: float32 | bfloat16 | float16",
-    "param_dtype": "parameter dtype: float32 | bfloat16 | float16",
-    "remat": "rematerialise each layer in the backward pass",
+  "d_model": "model width",
+  "n_layers": "layers",
+  "n_heads": "attention heads",
+  "n_kv_heads": "key-value heads (grouped-query attention; default: n_heads)",
+  "d_mlp": "MLP width (default 4 * d_model)",
+  "mixer": "tgn | attention | recurrent",
+  "recurrence": "mingru | gru",
+  "gate": "soft | hard | open | closed",
+  "gate_threshold": "hard gate: open where the gate probability exceeds this",
+  "gate_sampling": "Bernoulli-sample the hard gate in training",
+  "gate_hidden": "gate MLP width (default max(8, d_model // 4))",
+  "gate_input": "what the gate reads: recurrence (its output) | both (also the block input)",
+  "gate_bias_init": "initial gate logit bias (0: open probability 1/2)",
+  "attention_execution": "sparse | dense (default: sparse for the hard gate)",
+  "kv": "keys and values: all (every token) | open (open tokens only)",
+  "capacity_buckets": "routing capacities, comma-separated increasing fractions ending in 1",
+  "segment_len": "sparse attention gather segment length",
+  "capacity_multiple": "routing capacities are rounded up to a multiple of this",
+  "temperature": "attention temperature: a number, 'learned' or none (sqrt(head_dim))",
+  "exploration": "closed-gate attention computed for the gate gradient, as a fraction of "
+  "the open tokens' attention work",
+  "exploration_floor": "fraction of closed-gate tokens explored at least",
+  "rope": "rotary position embeddings",
+  "rope_base": "rotary embedding base",
+  "attention_impl": "xla | cudnn | pallas (default: cuDNN on GPU in 16 bits, else XLA)",
+  "dtype": "compute dtype: float32 | bfloat16 | float16",
+  "param_dtype": "parameter dtype: float32 | bfloat16 | float16",
+  "remat": "rematerialise each layer in the backward pass",
 }
 MODEL_FROM_TASK = ("vocab_size", "max_seq_len")
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(TGNConfig) if f.name not in MODEL_FROM_TASK}
 
-SECTIONS: dict[str, type] = {"task": TaskConfig, "optimizer": OptimizerConfig,
-                             "thermostat": ThermostatConfig, "ablation": AblationConfig,
-                             "run": RunConfig}
+SECTIONS: dict[str, type] = {
+  "task": TaskConfig,
+  "optimizer": OptimizerConfig,
+  "thermostat": ThermostatConfig,
+  "ablation": AblationConfig,
+  "run": RunConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
   """One setting: its dotted path, type, default, help, choices and flat alias (if any)."""
+
   path: str
   kind: Any
   default: Any
@@ -172,24 +193,51 @@ class Option:
 
 def _options() -> dict[str, Option]:
   options: dict[str, Option] = {}
-  flat_model = {"d_model", "n_layers", "n_heads", "d_mlp", "mixer", "recurrence", "gate",
-                "attention_execution", "kv", "temperature", "exploration", "exploration_floor",
-                "gate_bias_init", "gate_sampling", "segment_len", "capacity_multiple", "dtype",
-                "remat"}
+  flat_model = {
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_mlp",
+    "mixer",
+    "recurrence",
+    "gate",
+    "attention_execution",
+    "kv",
+    "temperature",
+    "exploration",
+    "exploration_floor",
+    "gate_bias_init",
+    "gate_sampling",
+    "segment_len",
+    "capacity_multiple",
+    "dtype",
+    "remat",
+  }
   for section in ("task", "model", "optimizer", "thermostat", "ablation", "run"):
     if section == "model":
       hints = typing.get_type_hints(TGNConfig)
       for name, f in MODEL_FIELDS.items():
-        options[f"model.{name}"] = Option(f"model.{name}", hints[name], f.default,
-                                          MODEL_HELP[name], _literal_choices(hints[name]),
-                                          name if name in flat_model else None)
+        options[f"model.{name}"] = Option(
+          f"model.{name}",
+          hints[name],
+          f.default,
+          MODEL_HELP[name],
+          _literal_choices(hints[name]),
+          name if name in flat_model else None,
+        )
       continue
     cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
       alias = "task" if (section, f.name) == ("task", "name") else f.name
-      options[f"{section}.{f.name}"] = Option(f"{section}.{f.name}", hints[f.name], f.default,
-                                              f.metadata["help"], f.metadata.get("choices"), alias)
+      options[f"{section}.{f.name}"] = Option(
+        f"{section}.{f.name}",
+        hints[f.name],
+        f.default,
+        f.metadata["help"],
+        f.metadata.get("choices"),
+        alias,
+      )
   return options
 
 
@@ -252,19 +300,22 @@ class TrainConfig:
 
 # Settings that make each task train sensibly out of the box (nested, like a --config file).
 PRESETS: dict[str, dict[str, Any]] = {
-    "mqar": {"model": dict(d_model=64, n_layers=2, n_heads=2)},
-    # Nanda et al. 2023: 1 layer, d 128, 4 heads, d_mlp 512, AdamW lr 1e-3, wd 1, betas (0.9, 0.98).
-    "modadd": {"task": dict(name="modadd"),
-               "model": dict(d_model=128, n_layers=1, n_heads=4, d_mlp=512, mixer="attention"),
-               "optimizer": dict(lr=1e-3, weight_decay=1.0, b2=0.98, warmup_steps=10,
-                                 min_lr_ratio=1.0),
-               "thermostat": dict(target_rate=None),
-               "run": dict(steps=20000, eval_every=100, checkpoint_every=1000, log_every=50)},
-    "text": {"task": dict(name="text", seq_len=256, batch_size=16),
-             "model": dict(d_model=128, n_layers=2, n_heads=4),
-             "optimizer": dict(lr=2e-3),
-             "thermostat": dict(target_rate=0.1),
-             "run": dict(steps=2000, eval_every=250)},
+  "mqar": {"model": dict(d_model=64, n_layers=2, n_heads=2)},
+  # Nanda et al. 2023: 1 layer, d 128, 4 heads, d_mlp 512, AdamW lr 1e-3, wd 1, betas (0.9, 0.98).
+  "modadd": {
+    "task": dict(name="modadd"),
+    "model": dict(d_model=128, n_layers=1, n_heads=4, d_mlp=512, mixer="attention"),
+    "optimizer": dict(lr=1e-3, weight_decay=1.0, b2=0.98, warmup_steps=10, min_lr_ratio=1.0),
+    "thermostat": dict(target_rate=None),
+    "run": dict(steps=20000, eval_every=100, checkpoint_every=1000, log_every=50),
+  },
+  "text": {
+    "task": dict(name="text", seq_len=256, batch_size=16),
+    "model": dict(d_model=128, n_layers=2, n_heads=4),
+    "optimizer": dict(lr=2e-3),
+    "thermostat": dict(target_rate=0.1),
+    "run": dict(steps=2000, eval_every=250),
+  },
 }
 
 
@@ -292,12 +343,16 @@ def nest(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def flatten(nested: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
   """{section: {field: value}} -> {dotted path: value}."""
-  return {f"{section}.{name}": value for section, fields in nested.items()
-          for name, value in fields.items()}
+  return {
+    f"{section}.{name}": value
+    for section, fields in nested.items()
+    for name, value in fields.items()
+  }
 
 
-def _merge(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]
-           ) -> dict[str, dict[str, Any]]:
+def _merge(
+  base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
   out = {section: dict(fields) for section, fields in base.items()}
   for section, fields in changes.items():
     out.setdefault(section, {}).update(fields)
@@ -315,14 +370,18 @@ def from_dict(nested: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
     rates = ablation["reference_rates"]
     ablation["reference_rates"] = tuple(rates) if isinstance(rates, list) else (float(rates),)
   nested = {**nested, "ablation": ablation}
-  config = TrainConfig(model=model,
-                       **{name: cls(**nested.get(name, {})) for name, cls in SECTIONS.items()})
+  config = TrainConfig(
+    model=model, **{name: cls(**nested.get(name, {})) for name, cls in SECTIONS.items()}
+  )
   validate(config)
   return config
 
 
-def resolve(explicit: Mapping[str, Any], config_file: Optional[str] = None,
-            base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+def resolve(
+  explicit: Mapping[str, Any],
+  config_file: Optional[str] = None,
+  base: Optional[Mapping[str, Any]] = None,
+) -> TrainConfig:
   """Builds a validated TrainConfig.
 
   explicit: values set on the command line, by dotted path (`model.d_model`), flat alias
@@ -335,7 +394,8 @@ def resolve(explicit: Mapping[str, Any], config_file: Optional[str] = None,
     values = nest(base)
   else:
     task = explicit.get("task", {}).get(
-        "name", from_file.get("task", {}).get("name", TaskConfig.name))
+      "name", from_file.get("task", {}).get("name", TaskConfig.name)
+    )
     if task not in TASKS:
       raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got {task!r}")
     values = nest(PRESETS[task])
@@ -368,15 +428,30 @@ def validate(c: TrainConfig) -> None:
     fail("task.fillers", f"must be random or zero, got {values['task.fillers']!r}")
   if values["task.name"] not in TASKS:
     fail("task.name", f"must be one of {', '.join(TASKS)}; got {values['task.name']!r}")
-  for path in ("run.steps", "task.batch_size", "task.seq_len", "task.vocab_size", "task.num_kv",
-               "task.eval_examples", "task.p", "task.eval_batches", "run.log_every",
-               "run.eval_every", "run.checkpoint_every", "run.keep_checkpoints",
-               "run.max_nonfinite"):
+  for path in (
+    "run.steps",
+    "task.batch_size",
+    "task.seq_len",
+    "task.vocab_size",
+    "task.num_kv",
+    "task.eval_examples",
+    "task.p",
+    "task.eval_batches",
+    "run.log_every",
+    "run.eval_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.max_nonfinite",
+  ):
     value = values[path]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       fail(path, f"must be a positive integer, got {value!r}")
-  for path in ("run.seed", "optimizer.warmup_steps", "thermostat.lam_warmup",
-               "thermostat.soft_warmup"):
+  for path in (
+    "run.seed",
+    "optimizer.warmup_steps",
+    "thermostat.lam_warmup",
+    "thermostat.soft_warmup",
+  ):
     value = values[path]
     if value is None and path.startswith("thermostat."):
       continue
@@ -400,25 +475,36 @@ def validate(c: TrainConfig) -> None:
     if not _finite(values[path]) or not 0 < values[path] < 1:
       fail(path, f"must be in (0, 1), got {values[path]!r}")
   run = c.run
-  if run.num_processes is not None and (isinstance(run.num_processes, bool)
-                                        or run.num_processes < 1):
+  if run.num_processes is not None and (
+    isinstance(run.num_processes, bool) or run.num_processes < 1
+  ):
     fail("run.num_processes", f"must be a positive integer, got {run.num_processes!r}")
-  if run.process_id is not None and run.num_processes is not None and not (
-      0 <= run.process_id < run.num_processes):
+  if (
+    run.process_id is not None
+    and run.num_processes is not None
+    and not (0 <= run.process_id < run.num_processes)
+  ):
     fail("run.process_id", f"must be in [0, {run.num_processes}), got {run.process_id!r}")
   ablation = c.ablation
   if ablation.reference_gate not in (None, "oracle", "random"):
-    fail("ablation.reference_gate", f"must be oracle, random or none, got "
-         f"{ablation.reference_gate!r}")
+    fail(
+      "ablation.reference_gate", f"must be oracle, random or none, got {ablation.reference_gate!r}"
+    )
   if ablation.reference_gate is not None and (
-      c.model_value("mixer") != "tgn" or c.model_value("gate") != "hard"):
+    c.model_value("mixer") != "tgn" or c.model_value("gate") != "hard"
+  ):
     fail("ablation.reference_gate", "needs the hard gate (--mixer tgn --gate hard)")
   rates = ablation.reference_rates
   if ablation.reference_gate == "random" and (
-      not rates or any(not _finite(r) or not 0 <= r <= 1 for r in rates)
-      or len(rates) not in (1, c.model_value("n_layers"))):
-    fail("ablation.reference_rates", "must give a rate in [0, 1] for every layer (or one for "
-         f"all) with --reference_gate random, got {rates!r}")
+    not rates
+    or any(not _finite(r) or not 0 <= r <= 1 for r in rates)
+    or len(rates) not in (1, c.model_value("n_layers"))
+  ):
+    fail(
+      "ablation.reference_rates",
+      "must give a rate in [0, 1] for every layer (or one for "
+      f"all) with --reference_gate random, got {rates!r}",
+    )
   if run.on_nonfinite not in ("skip", "stop"):
     fail("run.on_nonfinite", f"must be skip or stop, got {run.on_nonfinite!r}")
   # The model's fields are checked by TGNConfig itself, which names the field at fault.
@@ -434,6 +520,21 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-__all__ = ["AblationConfig", "ConfigError", "OPTIONS", "Option", "PRESETS", "TASKS", "TaskConfig", "OptimizerConfig",
-           "ThermostatConfig", "RunConfig", "TrainConfig", "flag", "from_dict", "nest", "resolve",
-           "validate"]
+__all__ = [
+  "AblationConfig",
+  "ConfigError",
+  "OPTIONS",
+  "Option",
+  "PRESETS",
+  "TASKS",
+  "TaskConfig",
+  "OptimizerConfig",
+  "ThermostatConfig",
+  "RunConfig",
+  "TrainConfig",
+  "flag",
+  "from_dict",
+  "nest",
+  "resolve",
+  "validate",
+]

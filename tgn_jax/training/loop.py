@@ -51,6 +51,7 @@ class _Phases:
   """The compiled steps of a run: the model's own, and for a hard gate a first phase
   trained with the soft gate (same parameters, dense attention) so that both channels
   learn before the gate hardens."""
+
   soft_steps: int
   gate_mode: str
   step_fns: dict[str, Callable]
@@ -60,21 +61,30 @@ class _Phases:
     return "soft" if step < self.soft_steps else self.gate_mode
 
 
-def _build_phases(config: TrainConfig, model_config: TGNConfig, model_def, optimizer, mesh,
-                  shardings) -> _Phases:
+def _build_phases(
+  config: TrainConfig, model_config: TGNConfig, model_def, optimizer, mesh, shardings
+) -> _Phases:
   gate_mode = model_config.gate if model_config.mixer == "tgn" else "none"
-  reference = train_steps.reference_gate_fn(model_config, config.ablation.reference_gate,
-                                            config.ablation.reference_rates)
-  step_fns = {gate_mode: train_steps.make_train_step(model_def, model_config, optimizer, mesh,
-                                                     shardings, reference)}
-  eval_fns = {gate_mode: train_steps.make_eval_step(model_def, model_config, mesh,
-                                                    shardings.params, reference)}
+  reference = train_steps.reference_gate_fn(
+    model_config, config.ablation.reference_gate, config.ablation.reference_rates
+  )
+  step_fns = {
+    gate_mode: train_steps.make_train_step(
+      model_def, model_config, optimizer, mesh, shardings, reference
+    )
+  }
+  eval_fns = {
+    gate_mode: train_steps.make_eval_step(
+      model_def, model_config, mesh, shardings.params, reference
+    )
+  }
   soft_steps = config.soft_warmup_steps
   if soft_steps:
     soft_config = model_config.replace(gate="soft", attention_execution=None, kv="all")
     soft_def = train_steps.model_def_for(soft_config)
-    step_fns["soft"] = train_steps.make_train_step(soft_def, soft_config, optimizer, mesh,
-                                                   shardings)
+    step_fns["soft"] = train_steps.make_train_step(
+      soft_def, soft_config, optimizer, mesh, shardings
+    )
     eval_fns["soft"] = train_steps.make_eval_step(soft_def, soft_config, mesh, shardings.params)
   return _Phases(soft_steps, gate_mode, step_fns, eval_fns)
 
@@ -145,8 +155,9 @@ class _Metrics:
     return record
 
 
-def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = None
-          ) -> dict[str, Any]:
+def train(
+  config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = None
+) -> dict[str, Any]:
   """Trains to config.run.steps (or until SIGINT/SIGTERM); returns the summary dict.
 
   mesh: from prepare (default: every device on the data axis). Every process of a
@@ -161,8 +172,7 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
   model_def, state, shardings = train_steps.init_state(model_config, config, optimizer, mesh)
   n_params = count_params(state.params)
   rows = sharding.process_rows(mesh, task.batch_size)
-  batch_at = lambda step: sharding.global_batch(mesh, task.train_batch(step, rows),
-                                                task.batch_size)
+  batch_at = lambda step: sharding.global_batch(mesh, task.train_batch(step, rows), task.batch_size)
   log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if primary else (lambda msg: None)
   if primary:
     run.path.mkdir(parents=True, exist_ok=True)
@@ -177,20 +187,29 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
     rundir.write_json(run.config, config.to_dict())
 
   phases = _build_phases(config, model_config, model_def, optimizer, mesh, shardings)
-  ladder = capacity_ladder(model_config, task.seq_len,
-                           recent=np.asarray(state.routing_needs).tolist())
+  ladder = capacity_ladder(
+    model_config, task.seq_len, recent=np.asarray(state.routing_needs).tolist()
+  )
   routed = train_steps.routes(model_config)
   retries = 0
   prefetched: dict[int, Any] = {}  # the next batch, built while a routed step runs
   stop = _SignalFlag()
-  log(f"{task.description} | {model_config.mixer} mixer, gate {model_config.gate}, "
-      f"{n_params:,} params | {jax.devices()[0].device_kind} x {mesh.size} "
-      f"(mesh data:{mesh.shape['data']},fsdp:{mesh.shape['fsdp']}, {jax.process_count()} "
-      f"process(es)) | run dir {run.path}")
+  log(
+    f"{task.description} | {model_config.mixer} mixer, gate {model_config.gate}, "
+    f"{n_params:,} params | {jax.devices()[0].device_kind} x {mesh.size} "
+    f"(mesh data:{mesh.shape['data']},fsdp:{mesh.shape['fsdp']}, {jax.process_count()} "
+    f"process(es)) | run dir {run.path}"
+  )
 
-  bar = tqdm(total=settings.steps, initial=start, disable=not (settings.progress and primary),
-             unit="step", dynamic_ncols=True, file=sys.stderr,
-             mininterval=0.5 if sys.stderr.isatty() else 30.0)
+  bar = tqdm(
+    total=settings.steps,
+    initial=start,
+    disable=not (settings.progress and primary),
+    unit="step",
+    dynamic_ncols=True,
+    file=sys.stderr,
+    mininterval=0.5 if sys.stderr.isatty() else 30.0,
+  )
   timing = _Timing(task.batch_size * task.seq_len)
   metrics_sum = _Metrics()
   last_eval: dict[str, Any] = {}
@@ -215,10 +234,17 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
         state, metrics = phases.step_fns["soft"](state, controls(step), *batch, 1.0)
       else:
         prefetch = lambda step=step: prefetched.update(
-            {step + 1: batch_at(step + 1)} if step + 1 < settings.steps else {})
+          {step + 1: batch_at(step + 1)} if step + 1 < settings.steps else {}
+        )
         state, metrics, redone = train_steps.routed_step(
-            phases.step_fns[phase], state, controls(step), batch, ladder, routed,
-            while_running=prefetch)
+          phases.step_fns[phase],
+          state,
+          controls(step),
+          batch,
+          ladder,
+          routed,
+          while_running=prefetch,
+        )
         retries += redone
       step += 1
       metrics_sum.add(metrics)
@@ -226,8 +252,12 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
       bar.update(1)
       if due(settings.log_every):
         record = metrics_sum.record(step)
-        record.update(gate_mode=phase, capacity=ladder.current if routed and phase != "soft"
-                      else 1.0, overflow_retries=retries, elapsed=timing.elapsed)
+        record.update(
+          gate_mode=phase,
+          capacity=ladder.current if routed and phase != "soft" else 1.0,
+          overflow_retries=retries,
+          elapsed=timing.elapsed,
+        )
         rate = timing.interval_rate()
         if rate is not None:
           record["tokens_per_sec"] = rate
@@ -263,12 +293,25 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
 
   if stopping and last_eval.get("step") != step:
     last_eval = run_eval()
-  summary = _summary(config, model_config, task, run, step=step, n_params=n_params,
-                     last_eval=last_eval, lam=float(state.lam), timing=timing,
-                     interrupted=stopping)
-  summary["mesh"] = {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"],
-                     "devices": mesh.size, "processes": jax.process_count(),
-                     "params_per_device": _params_per_device(state.params)}
+  summary = _summary(
+    config,
+    model_config,
+    task,
+    run,
+    step=step,
+    n_params=n_params,
+    last_eval=last_eval,
+    lam=float(state.lam),
+    timing=timing,
+    interrupted=stopping,
+  )
+  summary["mesh"] = {
+    "data": mesh.shape["data"],
+    "fsdp": mesh.shape["fsdp"],
+    "devices": mesh.size,
+    "processes": jax.process_count(),
+    "params_per_device": _params_per_device(state.params),
+  }
   if primary:
     rundir.write_json(run.summary, summary)
     if settings.plots:
@@ -279,8 +322,14 @@ def train(config: TrainConfig, run: RunDir, task: Task, mesh: Optional[Mesh] = N
 def _params_per_device(params) -> int:
   """Parameters held by this process's first device (all of them when nothing is sharded)."""
   device = jax.local_devices()[0]
-  return int(sum(np.prod(shard.data.shape) for leaf in jax.tree.leaves(params)
-                 for shard in leaf.addressable_shards if shard.device == device))
+  return int(
+    sum(
+      np.prod(shard.data.shape)
+      for leaf in jax.tree.leaves(params)
+      for shard in leaf.addressable_shards
+      if shard.device == device
+    )
+  )
 
 
 def _with_routing_needs(state, ladder, shardings):
@@ -289,8 +338,7 @@ def _with_routing_needs(state, ladder, shardings):
   return state._replace(routing_needs=jax.device_put(needs, shardings.routing_needs))
 
 
-def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None
-             ) -> dict[str, Any]:
+def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None) -> dict[str, Any]:
   """Aggregates sums over the task's fixed eval sets into one 'eval' record (on a mesh,
   each process contributes its rows of every batch)."""
   record: dict[str, Any] = {"kind": "eval", "step": step}
@@ -300,7 +348,7 @@ def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None
       if mesh is not None:
         size = len(batch.inputs)
         rows = sharding.process_rows(mesh, size)
-        batch = sharding.global_batch(mesh, [x[rows.start:rows.stop] for x in batch], size)
+        batch = sharding.global_batch(mesh, [x[rows.start : rows.stop] for x in batch], size)
       sums = eval_fn(params, *batch)
       total = sums if total is None else train_steps.accumulate(total, sums)
     total = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
@@ -331,54 +379,84 @@ def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None
 def _check_finite(record, settings, log) -> None:
   if record["nonfinite_steps"] == 0 and record["skipped_in_a_row"] == 0:
     return
-  message = (f"non-finite loss or gradients in {record['nonfinite_steps']} of the steps up to "
-             f"{record['step']} (updates skipped: {record['skipped_total']} in all)")
+  message = (
+    f"non-finite loss or gradients in {record['nonfinite_steps']} of the steps up to "
+    f"{record['step']} (updates skipped: {record['skipped_total']} in all)"
+  )
   if settings.on_nonfinite == "stop":
-    raise NonFiniteError(message + "; stopping (--on_nonfinite=stop); parameters were not "
-                         "updated with them")
+    raise NonFiniteError(
+      message + "; stopping (--on_nonfinite=stop); parameters were not updated with them"
+    )
   if record["skipped_in_a_row"] >= settings.max_nonfinite:
-    raise NonFiniteError(message + f"; {record['skipped_in_a_row']} in a row reached "
-                         f"--max_nonfinite={settings.max_nonfinite}, stopping")
+    raise NonFiniteError(
+      message + f"; {record['skipped_in_a_row']} in a row reached "
+      f"--max_nonfinite={settings.max_nonfinite}, stopping"
+    )
   log("warning: " + message)
 
 
 def _postfix(record, last_eval, task: Task) -> dict[str, str]:
   post = {}
   if record:
-    post = {"loss": f"{record['loss']:.3f}", "open": f"{record['gate_hard']:.3f}",
-            "lam": f"{record['lam']:.3g}"}
+    post = {
+      "loss": f"{record['loss']:.3f}",
+      "open": f"{record['gate_hard']:.3f}",
+      "lam": f"{record['lam']:.3g}",
+    }
   key = "eval_bpb" if task.metric == "bpb" else "eval_accuracy"
   if key in last_eval:
     post[key.replace("eval_", "eval ")] = f"{last_eval[key]:.3f}"
   return post
 
 
-def _summary(config: TrainConfig, model_config: TGNConfig, task: Task, run: RunDir, *,
-             step: int, n_params: int, last_eval: dict[str, Any], lam: float, timing: _Timing,
-             interrupted: int) -> dict[str, Any]:
+def _summary(
+  config: TrainConfig,
+  model_config: TGNConfig,
+  task: Task,
+  run: RunDir,
+  *,
+  step: int,
+  n_params: int,
+  last_eval: dict[str, Any],
+  lam: float,
+  timing: _Timing,
+  interrupted: int,
+) -> dict[str, Any]:
   train_records = run.records("train")
   last_train = train_records[-1] if train_records else {}
   rates = [r["tokens_per_sec"] for r in train_records if r.get("tokens_per_sec")]
   return {
-      "task": task.name, "description": task.description, "steps_completed": step,
-      "steps_requested": config.run.steps, "interrupted_by": int(interrupted),
-      "run_dir": str(run.path),
-      "final": {k: v for k, v in last_eval.items() if k != "kind"},
-      "train_loss": last_train.get("loss"), "train_ce": last_train.get("ce"),
-      "open_rate": last_train.get("gate_hard"), "gate_soft": last_train.get("gate_soft"),
-      "lam": lam, "params": n_params,
-      "wall_seconds": timing.elapsed, "compile_seconds": timing.compile_seconds,
-      "train_seconds": timing.train_seconds,
-      "tokens_per_sec": float(np.median(rates)) if rates else None,
-      "config": config.to_dict(), "model_config": model_config.to_dict(),
-      "env": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-              "jax": jax.__version__},
+    "task": task.name,
+    "description": task.description,
+    "steps_completed": step,
+    "steps_requested": config.run.steps,
+    "interrupted_by": int(interrupted),
+    "run_dir": str(run.path),
+    "final": {k: v for k, v in last_eval.items() if k != "kind"},
+    "train_loss": last_train.get("loss"),
+    "train_ce": last_train.get("ce"),
+    "open_rate": last_train.get("gate_hard"),
+    "gate_soft": last_train.get("gate_soft"),
+    "lam": lam,
+    "params": n_params,
+    "wall_seconds": timing.elapsed,
+    "compile_seconds": timing.compile_seconds,
+    "train_seconds": timing.train_seconds,
+    "tokens_per_sec": float(np.median(rates)) if rates else None,
+    "config": config.to_dict(),
+    "model_config": model_config.to_dict(),
+    "env": {
+      "device": jax.devices()[0].device_kind,
+      "backend": jax.default_backend(),
+      "jax": jax.__version__,
+    },
   }
 
 
 def _plot(run: RunDir, log) -> None:
   try:
     from tgn_jax.training.plots import plot_run
+
     plot_run(run.path)
   except Exception as e:  # plots are a convenience: never lose a finished run over them
     log(f"warning: could not write plots: {e}")
@@ -401,12 +479,12 @@ class _SignalFlag:
       self.restore()
       raise KeyboardInterrupt
     self.signum = signum
-    tqdm.write(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping "
-               "(again to abort)", file=sys.stderr)
+    tqdm.write(
+      f"received {signal.Signals(signum).name}: saving a checkpoint and stopping (again to abort)",
+      file=sys.stderr,
+    )
 
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous = {}
-
-

@@ -23,13 +23,15 @@ import orbax.checkpoint as ocp
 from tgn_jax.training.config import OPTIONS, ConfigError, flatten, nest
 from tgn_jax.training.sharding import any_process, barrier
 
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be saved; the message says which and what is intact."""
 
 
 # Settings that may differ when a run is resumed; anything else would change the run itself.
 RESUMABLE_CHANGES = frozenset(
-    path for path in OPTIONS if path.startswith("run.") and path != "run.seed")
+  path for path in OPTIONS if path.startswith("run.") and path != "run.seed"
+)
 
 
 class RunDir:
@@ -95,8 +97,9 @@ def check_resume_changes(stored: dict[str, Any], requested: dict[str, Any]) -> N
     if path in RESUMABLE_CHANGES or path not in stored_values:
       continue
     if _comparable(stored_values[path]) != _comparable(value):
-      raise ConfigError(f"{OPTIONS[path].flag} cannot change on --resume (the run has "
-                        f"{stored_values[path]!r})")
+      raise ConfigError(
+        f"{OPTIONS[path].flag} cannot change on --resume (the run has {stored_values[path]!r})"
+      )
 
 
 def _comparable(value):
@@ -109,8 +112,9 @@ def check_new_or_resumable(run: RunDir, resume: bool) -> None:
     if not run.config.exists() or not checkpoint_steps(run.checkpoints):
       raise ConfigError(f"--resume: no checkpoint to resume in {run.path}")
   elif run.holds_run():
-    raise ConfigError(f"--out {run.path} already holds a run; pass --resume to continue it "
-                      "or choose another --out")
+    raise ConfigError(
+      f"--out {run.path} already holds a run; pass --resume to continue it or choose another --out"
+    )
   run.check_writable()
 
 
@@ -152,8 +156,9 @@ def checkpoint_steps(directory: Path) -> list[int]:
   """The steps orbax lists in a checkpoint directory (none if it does not exist)."""
   if not directory.is_dir():
     return []
-  manager = ocp.CheckpointManager(directory.resolve(),
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = ocp.CheckpointManager(
+    directory.resolve(), options=ocp.CheckpointManagerOptions(create=False)
+  )
   try:
     return sorted(manager.all_steps())
   finally:
@@ -163,8 +168,10 @@ def checkpoint_steps(directory: Path) -> list[int]:
 def checkpoint_manager(run: RunDir, keep: int) -> ocp.CheckpointManager:
   """The run's CheckpointManager (keeps the newest `keep`; creates the directory)."""
   return ocp.CheckpointManager(
-      run.checkpoints.resolve(), item_handlers=ocp.StandardCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    run.checkpoints.resolve(),
+    item_handlers=ocp.StandardCheckpointHandler(),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+  )
 
 
 def restore(manager, run: RunDir, state, shardings, log, primary: bool):
@@ -176,8 +183,9 @@ def restore(manager, run: RunDir, state, shardings, log, primary: bool):
   STEP.unreadable), said in one line, and the next older one is tried; ConfigError if none
   is readable. Every process takes the same decisions.
   """
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
   for step in sorted(manager.all_steps(), reverse=True):
     error = None
     try:
@@ -190,11 +198,16 @@ def restore(manager, run: RunDir, state, shardings, log, primary: bool):
       error = e
     if not any_process(error is not None):
       return restored, step
-    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if error else \
-        "unreadable on another process"
+    reason = (
+      f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+      if error
+      else "unreadable on another process"
+    )
     aside = _unused_name(run.checkpoints / f"{step}.unreadable")
-    log(f"warning: the checkpoint of step {step} is unreadable ({reason}); setting it aside "
-        f"as {aside.name} and trying an older one")
+    log(
+      f"warning: the checkpoint of step {step} is unreadable ({reason}); setting it aside "
+      f"as {aside.name} and trying an older one"
+    )
     barrier(f"unreadable_{step}")
     if primary:
       (run.checkpoints / str(step)).rename(aside)
@@ -207,14 +220,19 @@ def _check_shapes(metadata, target, step: int) -> None:
   """ConfigError if the checkpoint's arrays do not have the shapes this run's model needs
   (e.g. resumed with other model options)."""
   names = lambda path: tuple(re.findall(r"\w+", jax.tree_util.keystr(path)))
-  saved = {names(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(metadata)
-           if hasattr(x, "shape")}
+  saved = {
+    names(p): tuple(x.shape)
+    for p, x in jax.tree_util.tree_leaves_with_path(metadata)
+    if hasattr(x, "shape")
+  }
   for path, x in jax.tree_util.tree_leaves_with_path(target):
     name = names(path)
     if name in saved and saved[name] != tuple(x.shape):
-      raise ConfigError(f"--resume: the checkpoint of step {step} holds {'.'.join(name)} of shape "
-                        f"{saved[name]}, this run's model needs {tuple(x.shape)}: resume with "
-                        "the run's own model options")
+      raise ConfigError(
+        f"--resume: the checkpoint of step {step} holds {'.'.join(name)} of shape "
+        f"{saved[name]}, this run's model needs {tuple(x.shape)}: resume with "
+        "the run's own model options"
+      )
 
 
 def _unused_name(path: Path) -> Path:
@@ -228,6 +246,7 @@ def _unused_name(path: Path) -> Path:
 @contextlib.contextmanager
 def _quiet_absl():
   from absl import logging as absl_logging
+
   before = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.FATAL)
   try:
@@ -261,16 +280,19 @@ def finish_saving(manager) -> None:
 
 def _raise_if_any(manager, step: Optional[int], error: Optional[Exception]) -> None:
   if any_process(error is not None):
-    raise CheckpointError(_save_failure(manager, step, error or RuntimeError(
-        "another process could not save")))
+    raise CheckpointError(
+      _save_failure(manager, step, error or RuntimeError("another process could not save"))
+    )
 
 
 def _save_failure(manager, step: Optional[int], error: Exception) -> str:
   intact = [s for s in manager.all_steps() if step is None or s != step]
   what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
   reason = str(error).splitlines()[0][:200] if str(error) else ""
-  return (f"could not save {what} in {manager.directory}: {type(error).__name__}: {reason}; "
-          f"checkpoints intact: {intact or 'none'}")
+  return (
+    f"could not save {what} in {manager.directory}: {type(error).__name__}: {reason}; "
+    f"checkpoints intact: {intact or 'none'}"
+  )
 
 
 def jsonable(value):

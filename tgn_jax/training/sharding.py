@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tgn_jax.training.config import ConfigError
 
@@ -44,8 +45,9 @@ class MeshSpec:
     for part in text.split(","):
       name, sep, value = part.strip().partition(":")
       if not sep or name not in AXES or name in sizes:
-        raise ConfigError(f"--mesh must look like data:D,fsdp:F (axes {', '.join(AXES)}), got "
-                          f"{text!r}")
+        raise ConfigError(
+          f"--mesh must look like data:D,fsdp:F (axes {', '.join(AXES)}), got {text!r}"
+        )
       try:
         sizes[name] = int(value)
       except ValueError:
@@ -60,13 +62,15 @@ class MeshSpec:
     fsdp = self.fsdp
     data = len(devices) // fsdp if self.data is None else self.data
     if data * fsdp != len(devices):
-      raise ConfigError(f"--mesh data:{data},fsdp:{fsdp} needs {data * fsdp} devices, "
-                        f"there are {len(devices)}")
+      raise ConfigError(
+        f"--mesh data:{data},fsdp:{fsdp} needs {data * fsdp} devices, there are {len(devices)}"
+      )
     return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
 
 
-def initialize_distributed(coordinator: Optional[str], num_processes: Optional[int],
-                           process_id: Optional[int]) -> None:
+def initialize_distributed(
+  coordinator: Optional[str], num_processes: Optional[int], process_id: Optional[int]
+) -> None:
   """Joins the processes of a multi-host run: with the three flags, or, with none of them,
   by jax's own detection on a cluster it knows (SLURM, Open MPI, TPU pods...). A single
   process without flags does nothing."""
@@ -77,8 +81,9 @@ def initialize_distributed(coordinator: Optional[str], num_processes: Optional[i
   # may touch a device before initialize().
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if all(given):
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
   elif _on_a_cluster():
     jax.distributed.initialize()
 
@@ -106,8 +111,9 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   """NamedShardings for a pytree of arrays (parameters, optimiser state, scalars)."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)),
-                      abstract_state)
+  return jax.tree.map(
+    lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)), abstract_state
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -123,14 +129,17 @@ def process_rows(mesh: Mesh, batch_size: int) -> range:
   """The rows of a global batch this process's devices hold (contiguous)."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
-    raise ConfigError(f"--batch_size ({batch_size}) must be a multiple of the batch shards, "
-                      f"data x fsdp = {shards}")
+    raise ConfigError(
+      f"--batch_size ({batch_size}) must be a multiple of the batch shards, data x fsdp = {shards}"
+    )
   indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
   starts = sorted({(i[0].start or 0, i[0].stop or batch_size) for i in indices.values()})
   lo, hi = starts[0][0], starts[-1][1]
   if sum(b - a for a, b in starts) != hi - lo:
-    raise ConfigError("this process's devices do not hold a contiguous part of the batch; "
-                      "order the mesh's devices by process")
+    raise ConfigError(
+      "this process's devices do not hold a contiguous part of the batch; "
+      "order the mesh's devices by process"
+    )
   return range(lo, hi)
 
 
@@ -138,8 +147,11 @@ def global_batch(mesh: Mesh, local_rows: Any, batch_size: int) -> Any:
   """A pytree of global arrays [batch_size, ...] from this process's rows."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(
-          sharding, np.asarray(x), (batch_size,) + tuple(np.shape(x)[1:])), local_rows)
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (batch_size,) + tuple(np.shape(x)[1:])
+    ),
+    local_rows,
+  )
 
 
 def any_process(flag: bool) -> bool:
@@ -152,6 +164,7 @@ def max_over_processes(value: int) -> int:
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils
+
   return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
@@ -159,4 +172,5 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier of this name."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)

@@ -36,49 +36,55 @@ _NEVER = 2**30
 
 
 class TrainState(NamedTuple):
-  params: Any            # nnx.State of the model
-  opt_state: Any         # optax state
-  lam: jax.Array         # float32 scalar: the thermostat's multiplier (before the warm-up ramp)
-  step: jax.Array        # int32 scalar: optimizer steps taken
+  params: Any  # nnx.State of the model
+  opt_state: Any  # optax state
+  lam: jax.Array  # float32 scalar: the thermostat's multiplier (before the warm-up ramp)
+  step: jax.Array  # int32 scalar: optimizer steps taken
   routing_needs: jax.Array  # float32 [CapacityLadder.WINDOW]: the routing capacity the last
-                            # steps needed, -1-padded; the ladder's memory, checkpointed so
-                            # that a resumed run picks the capacities it would have
+  # steps needed, -1-padded; the ladder's memory, checkpointed so
+  # that a resumed run picks the capacities it would have
 
 
 class StepControls(NamedTuple):
   """The per-step hyper-parameters, fed to the compiled step as float32 scalars (and a key),
   so that one compilation serves any learning-rate schedule, lambda setting or seed."""
 
-  lr: jax.Array           # learning rate of this step
-  lam_scale: jax.Array    # lambda warm-up ramp, in [0, 1]
-  thermostat: jax.Array   # 1 when the thermostat adjusts lambda after this step, else 0
+  lr: jax.Array  # learning rate of this step
+  lam_scale: jax.Array  # lambda warm-up ramp, in [0, 1]
+  thermostat: jax.Array  # 1 when the thermostat adjusts lambda after this step, else 0
   target_rate: jax.Array  # the thermostat's open-rate target
-  lam_lr: jax.Array       # the thermostat's gain
-  lam_min: jax.Array      # the thermostat's floor for lambda
-  key: jax.Array          # the run's key data (uint32); the step's key is fold_in(key, step)
+  lam_lr: jax.Array  # the thermostat's gain
+  lam_min: jax.Array  # the thermostat's floor for lambda
+  key: jax.Array  # the run's key data (uint32); the step's key is fold_in(key, step)
 
 
 def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
   """optax's AdamW without its learning-rate scaling (applied by the step from its controls),
   after global-norm clipping; non-finite updates are skipped and counted."""
   inner = optax.chain(
-      optax.clip_by_global_norm(c.optimizer.clip_norm),
-      optax.scale_by_adam(b1=c.optimizer.b1, b2=c.optimizer.b2),
-      optax.add_decayed_weights(c.optimizer.weight_decay))
+    optax.clip_by_global_norm(c.optimizer.clip_norm),
+    optax.scale_by_adam(b1=c.optimizer.b1, b2=c.optimizer.b2),
+    optax.add_decayed_weights(c.optimizer.weight_decay),
+  )
   return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
 
 
 def learning_rate_schedule(c: TrainConfig) -> optax.Schedule:
   """Linear warm-up to the peak rate, then cosine decay to peak * min_lr_ratio at the last step."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=c.optimizer.lr, warmup_steps=c.optimizer.warmup_steps,
-      decay_steps=max(c.run.steps, c.optimizer.warmup_steps + 1),
-      end_value=c.optimizer.lr * c.optimizer.min_lr_ratio)
+    init_value=0.0,
+    peak_value=c.optimizer.lr,
+    warmup_steps=c.optimizer.warmup_steps,
+    decay_steps=max(c.run.steps, c.optimizer.warmup_steps + 1),
+    end_value=c.optimizer.lr * c.optimizer.min_lr_ratio,
+  )
 
 
 def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
   """Host-side: the controls of step `step` (0-based) of a run with config c."""
-  lr_table = np.asarray(jax.vmap(learning_rate_schedule(c))(jnp.arange(c.run.steps + 1)), np.float32)
+  lr_table = np.asarray(
+    jax.vmap(learning_rate_schedule(c))(jnp.arange(c.run.steps + 1)), np.float32
+  )
   warmup = c.lam_warmup_steps
   # Raw key data: a host value every process passes alike (a typed key lives on a device).
   key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.run.seed), 1)))
@@ -88,15 +94,21 @@ def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
     ramp = 1.0 if warmup == 0 else min(max((step - warmup) / warmup, 0.0), 1.0)
     thermostat = c.thermostat.target_rate is not None and step >= warmup
     return StepControls(
-        lr=f32(lr_table[min(step, c.run.steps)]), lam_scale=f32(ramp), thermostat=f32(thermostat),
-        target_rate=f32(c.thermostat.target_rate or 0.0),
-        lam_lr=f32(c.thermostat.lam_lr), lam_min=f32(c.thermostat.lam_min),
-        key=key)
+      lr=f32(lr_table[min(step, c.run.steps)]),
+      lam_scale=f32(ramp),
+      thermostat=f32(thermostat),
+      target_rate=f32(c.thermostat.target_rate or 0.0),
+      lam_lr=f32(c.thermostat.lam_lr),
+      lam_min=f32(c.thermostat.lam_min),
+      key=key,
+    )
+
   return controls
 
 
-def thermostat(lam: jax.Array, rate: jax.Array, target: jax.Array, gain: jax.Array,
-               floor: jax.Array) -> jax.Array:
+def thermostat(
+  lam: jax.Array, rate: jax.Array, target: jax.Array, gain: jax.Array, floor: jax.Array
+) -> jax.Array:
   """One dual-ascent step (in log space) of lam towards open rate == target."""
   return (jnp.maximum(lam, floor) * jnp.exp(gain * (rate - target))).astype(jnp.float32)
 
@@ -109,8 +121,9 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
   return jnp.sum(ce * mask_BT) / count, jnp.sum(correct * mask_BT) / count
 
 
-def init_state(model_config: TGNConfig, c: TrainConfig, optimizer, mesh: Optional[Mesh] = None
-               ) -> tuple[Any, TrainState, Any]:
+def init_state(
+  model_config: TGNConfig, c: TrainConfig, optimizer, mesh: Optional[Mesh] = None
+) -> tuple[Any, TrainState, Any]:
   """(model_def, the initial TrainState, its shardings or None without a mesh).
 
   On a mesh the state is created sharded (sharding.state_shardings): no device ever
@@ -120,8 +133,13 @@ def init_state(model_config: TGNConfig, c: TrainConfig, optimizer, mesh: Optiona
 
   def create() -> TrainState:
     _, params = functional.init(model_config, jax.random.key(c.run.seed))
-    return TrainState(params=params, opt_state=optimizer.init(params), lam=jnp.float32(c.thermostat.lam),
-                      step=jnp.int32(0), routing_needs=routing_needs(()))
+    return TrainState(
+      params=params,
+      opt_state=optimizer.init(params),
+      lam=jnp.float32(c.thermostat.lam),
+      step=jnp.int32(0),
+      routing_needs=routing_needs(()),
+    )
 
   shardings = None
   if mesh is not None:
@@ -144,19 +162,22 @@ def routing_needs(recent) -> jax.Array:
   """A CapacityLadder's recent needs as TrainState.routing_needs (-1-padded: every process
   must pass equal values, and NaN is not equal to itself)."""
   needs = np.full((CapacityLadder.WINDOW,), -1.0, np.float32)
-  recent = list(recent)[-CapacityLadder.WINDOW:]
-  needs[:len(recent)] = recent
+  recent = list(recent)[-CapacityLadder.WINDOW :]
+  needs[: len(recent)] = recent
   return needs
 
 
 def routes(model_config: TGNConfig) -> bool:
   """Whether the model's forward routes tokens (hard gate, sparse execution): its steps
   take a capacity below 1 and may overflow."""
-  return model_config.has_gate and model_config.gate == "hard" and model_config.execution == "sparse"
+  return (
+    model_config.has_gate and model_config.gate == "hard" and model_config.execution == "sparse"
+  )
 
 
-def reference_gate_fn(model_config: TGNConfig, reference: Optional[str],
-                      rates: Optional[Sequence[float]]) -> Callable:
+def reference_gate_fn(
+  model_config: TGNConfig, reference: Optional[str], rates: Optional[Sequence[float]]
+) -> Callable:
   """open_LBT(mask_BT, key) of a reference gate (None: the learned gate decides).
 
   oracle: open exactly at the scored positions in the last layer. random: Bernoulli at
@@ -167,12 +188,19 @@ def reference_gate_fn(model_config: TGNConfig, reference: Optional[str],
   if reference == "oracle":
     return lambda mask, key: gate_ops.oracle_gate(mask, model_config.n_layers)
   per_layer = np.broadcast_to(np.asarray(rates, np.float32), (model_config.n_layers,))
-  return lambda mask, key: gate_ops.random_gate(jax.random.fold_in(key, 0x6a7e), per_layer,
-                                                mask.shape)
+  return lambda mask, key: gate_ops.random_gate(
+    jax.random.fold_in(key, 0x6A7E), per_layer, mask.shape
+  )
 
 
-def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optional[Mesh] = None,
-                    state_shardings: Any = None, reference_gate: Callable = None):
+def make_train_step(
+  model_def,
+  model_config: TGNConfig,
+  optimizer,
+  mesh: Optional[Mesh] = None,
+  state_shardings: Any = None,
+  reference_gate: Callable = None,
+):
   """Returns a jitted step(state, controls, inputs, targets, mask, capacity) -> (state, metrics).
 
   On a mesh: the state in and out with state_shardings (donated), the batch split over
@@ -193,15 +221,27 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optiona
     lam = state.lam * controls.lam_scale
 
     def loss_fn(params):
-      logits, aux = functional.apply(model_def, params, inputs, rng=key, stats=None,
-                                     capacity=capacity, open_LBT=reference_gate(mask, key))
+      logits, aux = functional.apply(
+        model_def,
+        params,
+        inputs,
+        rng=key,
+        stats=None,
+        capacity=capacity,
+        open_LBT=reference_gate(mask, key),
+      )
       ce, accuracy = masked_cross_entropy(logits, targets, mask)
       gate = jnp.mean(aux.gate_prob)
       loss = ce + lam * gate if gated else ce
-      return loss, dict(ce=ce, accuracy=accuracy, gate_soft=gate,
-                        gate_hard=jnp.mean(aux.open_rate), compute_rate=jnp.mean(aux.compute_rate),
-                        overflow=aux.overflow.astype(jnp.float32),
-                        capacity_needed=aux.capacity_needed)
+      return loss, dict(
+        ce=ce,
+        accuracy=accuracy,
+        gate_soft=gate,
+        gate_hard=jnp.mean(aux.open_rate),
+        compute_rate=jnp.mean(aux.compute_rate),
+        overflow=aux.overflow.astype(jnp.float32),
+        capacity_needed=aux.capacity_needed,
+      )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -209,14 +249,23 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optiona
     params = optax.apply_updates(state.params, updates)
     new_lam = state.lam
     if gated:
-      new_lam = jnp.where(controls.thermostat > 0, thermostat(
-          state.lam, metrics["gate_hard"], controls.target_rate, controls.lam_lr,
-          controls.lam_min), state.lam)
+      new_lam = jnp.where(
+        controls.thermostat > 0,
+        thermostat(
+          state.lam, metrics["gate_hard"], controls.target_rate, controls.lam_lr, controls.lam_min
+        ),
+        state.lam,
+      )
     grad_norm = optax.tree_utils.tree_norm(grads)
-    metrics.update(loss=loss, lam=lam, lr=controls.lr, grad_norm=grad_norm,
-                   finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
-                   skipped_total=opt_state.total_notfinite,
-                   skipped_in_a_row=opt_state.notfinite_count)
+    metrics.update(
+      loss=loss,
+      lam=lam,
+      lr=controls.lr,
+      grad_norm=grad_norm,
+      finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+      skipped_total=opt_state.total_notfinite,
+      skipped_in_a_row=opt_state.notfinite_count,
+    )
     new_state = TrainState(params, opt_state, new_lam, state.step + 1, state.routing_needs)
     if routed:  # an overflowing step is void: a select, fused into the update
       keep = metrics["overflow"] > 0
@@ -227,14 +276,24 @@ def make_train_step(model_def, model_config: TGNConfig, optimizer, mesh: Optiona
   if mesh is None:
     return jax.jit(step_fn, donate_argnums=donate, static_argnums=(5,))
   batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return jax.jit(step_fn, donate_argnums=donate, static_argnums=(5,),
-                 in_shardings=(state_shardings, replicated, batch, batch, batch),
-                 out_shardings=(state_shardings, replicated))
+  return jax.jit(
+    step_fn,
+    donate_argnums=donate,
+    static_argnums=(5,),
+    in_shardings=(state_shardings, replicated, batch, batch, batch),
+    out_shardings=(state_shardings, replicated),
+  )
 
 
-def routed_step(step_fn, state: TrainState, controls: StepControls, batch, ladder: CapacityLadder,
-                routed: bool = True, while_running: Optional[Callable[[], None]] = None
-                ) -> tuple[TrainState, dict, int]:
+def routed_step(
+  step_fn,
+  state: TrainState,
+  controls: StepControls,
+  batch,
+  ladder: CapacityLadder,
+  routed: bool = True,
+  while_running: Optional[Callable[[], None]] = None,
+) -> tuple[TrainState, dict, int]:
   """One optimizer step at the ladder's capacity, redone at a larger one whenever routing
   overflowed (an overflowing step leaves the state untouched), so that no token is ever
   left out. Reads two scalars from the device per routed step; `while_running` (e.g.
@@ -248,13 +307,19 @@ def routed_step(step_fn, state: TrainState, controls: StepControls, batch, ladde
     if while_running is not None and redone == 0:
       while_running()
     if not routed or not ladder.observe(
-        *jax.device_get((metrics["overflow"] > 0, metrics["capacity_needed"]))):
+      *jax.device_get((metrics["overflow"] > 0, metrics["capacity_needed"]))
+    ):
       return state, metrics, redone
     redone += 1
 
 
-def make_eval_step(model_def, model_config: TGNConfig, mesh: Optional[Mesh] = None,
-                   params_shardings: Any = None, reference_gate: Callable = None):
+def make_eval_step(
+  model_def,
+  model_config: TGNConfig,
+  mesh: Optional[Mesh] = None,
+  params_shardings: Any = None,
+  reference_gate: Callable = None,
+):
   """Returns a jitted eval(params, inputs, targets, mask) -> dict of sums over the batch
   (on a mesh: the batch split over (data, fsdp), the sums replicated).
 
@@ -264,17 +329,23 @@ def make_eval_step(model_def, model_config: TGNConfig, mesh: Optional[Mesh] = No
 
   def eval_fn(params, inputs, targets, mask):
     open_LBT = (reference_gate or reference_gate_fn(model_config, None, None))(
-        mask, jax.random.key(0))
-    logits, aux = functional.apply(model_def, params, inputs, stats="token", capacity=1.0,
-                                   open_LBT=open_LBT)
+      mask, jax.random.key(0)
+    )
+    logits, aux = functional.apply(
+      model_def, params, inputs, stats="token", capacity=1.0, open_LBT=open_LBT
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     is_open = aux.is_open.astype(jnp.float32)  # [L, B, T]
     sums = dict(
-        ce=jnp.sum(ce * mask), correct=jnp.sum(correct * mask), count=jnp.sum(mask),
-        tokens=jnp.float32(mask.size), open=jnp.sum(is_open, axis=(1, 2)),
-        open_scored=jnp.sum(is_open * mask, axis=(1, 2)),
-        open_unscored=jnp.sum(is_open * (1 - mask), axis=(1, 2)))
+      ce=jnp.sum(ce * mask),
+      correct=jnp.sum(correct * mask),
+      count=jnp.sum(mask),
+      tokens=jnp.float32(mask.size),
+      open=jnp.sum(is_open, axis=(1, 2)),
+      open_scored=jnp.sum(is_open * mask, axis=(1, 2)),
+      open_unscored=jnp.sum(is_open * (1 - mask), axis=(1, 2)),
+    )
     if aux.token_stats is not None:
       # Observables exist (are not NaN) where attention was computed; padding rows excluded.
       real_row = jnp.any(mask > 0, axis=1)[None, :, None, None]
@@ -288,5 +359,8 @@ def make_eval_step(model_def, model_config: TGNConfig, mesh: Optional[Mesh] = No
   if mesh is None:
     return jax.jit(eval_fn)
   batch = sharding.batch_sharding(mesh)
-  return jax.jit(eval_fn, in_shardings=(params_shardings, batch, batch, batch),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+    eval_fn,
+    in_shardings=(params_shardings, batch, batch, batch),
+    out_shardings=sharding.replicated(mesh),
+  )

@@ -14,7 +14,14 @@ from typing import Callable
 
 import numpy as np
 
-from tgn_jax.data import Batch, ByteCorpus, modadd_splits, modadd_vocab_size, mqar_batch, mqar_eval_set
+from tgn_jax.data import (
+  Batch,
+  ByteCorpus,
+  modadd_splits,
+  modadd_vocab_size,
+  mqar_batch,
+  mqar_eval_set,
+)
 from tgn_jax.training.config import TaskConfig, TrainConfig
 
 
@@ -47,14 +54,24 @@ def make_task(config: TrainConfig, batch_multiple: int = 1) -> Task:
 
 
 def _mqar(c: TaskConfig, seed: int) -> Task:
-  kw = dict(seq_len=c.seq_len, num_kv=c.num_kv, vocab_size=c.vocab_size, power_a=c.power_a,
-            fillers=c.fillers)
+  kw = dict(
+    seq_len=c.seq_len,
+    num_kv=c.num_kv,
+    vocab_size=c.vocab_size,
+    power_a=c.power_a,
+    fillers=c.fillers,
+  )
   held_out = mqar_eval_set(seed, c.eval_examples, **kw)
   return Task(
-      name="mqar", vocab_size=c.vocab_size, seq_len=c.seq_len, batch_size=c.batch_size,
-      train_batch=lambda step, rows=None: mqar_batch(seed, step, c.batch_size, **kw, rows=rows),
-      eval_sets={"eval": _batches(held_out, c.batch_size)}, metric="accuracy",
-      description=f"MQAR V={c.vocab_size} T={c.seq_len} kv={c.num_kv} fillers={c.fillers}")
+    name="mqar",
+    vocab_size=c.vocab_size,
+    seq_len=c.seq_len,
+    batch_size=c.batch_size,
+    train_batch=lambda step, rows=None: mqar_batch(seed, step, c.batch_size, **kw, rows=rows),
+    eval_sets={"eval": _batches(held_out, c.batch_size)},
+    metric="accuracy",
+    description=f"MQAR V={c.vocab_size} T={c.seq_len} kv={c.num_kv} fillers={c.fillers}",
+  )
 
 
 def _modadd(c: TaskConfig, seed: int, batch_multiple: int) -> Task:
@@ -64,10 +81,15 @@ def _modadd(c: TaskConfig, seed: int, batch_multiple: int) -> Task:
   train, test = padded(train), padded(test)
   size = len(train.inputs)
   return Task(
-      name="modadd", vocab_size=modadd_vocab_size(c.p), seq_len=3, batch_size=size,
-      train_batch=lambda step, rows=None: _rows(train, rows),
-      eval_sets={"eval": [test], "train": [train]},
-      metric="accuracy", description=f"(a + b) mod {c.p}, {len(train.inputs)} training pairs")
+    name="modadd",
+    vocab_size=modadd_vocab_size(c.p),
+    seq_len=3,
+    batch_size=size,
+    train_batch=lambda step, rows=None: _rows(train, rows),
+    eval_sets={"eval": [test], "train": [train]},
+    metric="accuracy",
+    description=f"(a + b) mod {c.p}, {len(train.inputs)} training pairs",
+  )
 
 
 def _text(c: TaskConfig, seed: int) -> Task:
@@ -81,23 +103,29 @@ def _text(c: TaskConfig, seed: int) -> Task:
     source = str(c.data)
   corpus.check(c.seq_len)
   return Task(
-      name="text", vocab_size=corpus.vocab_size, seq_len=c.seq_len, batch_size=c.batch_size,
-      train_batch=lambda step, rows=None: corpus.train_batch(seed, step, c.batch_size,
-                                                             c.seq_len, rows=rows),
-      eval_sets={"eval": corpus.val_batches(c.batch_size, c.seq_len, c.eval_batches)},
-      metric="bpb",
-      description=f"bytes of {source}: {corpus.num_train_bytes:,} train / "
-                  f"{corpus.num_val_bytes:,} validation")
+    name="text",
+    vocab_size=corpus.vocab_size,
+    seq_len=c.seq_len,
+    batch_size=c.batch_size,
+    train_batch=lambda step, rows=None: corpus.train_batch(
+      seed, step, c.batch_size, c.seq_len, rows=rows
+    ),
+    eval_sets={"eval": corpus.val_batches(c.batch_size, c.seq_len, c.eval_batches)},
+    metric="bpb",
+    description=f"bytes of {source}: {corpus.num_train_bytes:,} train / "
+    f"{corpus.num_val_bytes:,} validation",
+  )
 
 
 def _cache_root() -> Path:
   root = os.environ.get("TGN_JAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tgn_jax")
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tgn_jax"
+  )
   return Path(root)
 
 
 def _rows(batch: Batch, rows) -> Batch:
-  return batch if rows is None else Batch(*(x[rows.start:rows.stop] for x in batch))
+  return batch if rows is None else Batch(*(x[rows.start : rows.stop] for x in batch))
 
 
 def _batches(data: Batch, batch_size: int) -> list[Batch]:
@@ -105,7 +133,7 @@ def _batches(data: Batch, batch_size: int) -> list[Batch]:
   n = len(data.inputs)
   out = []
   for start in range(0, n, batch_size):
-    part = Batch(*(x[start:start + batch_size] for x in data))
+    part = Batch(*(x[start : start + batch_size] for x in data))
     pad = batch_size - len(part.inputs)
     if pad:
       part = Batch(*(np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) for x in part))
