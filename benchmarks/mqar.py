@@ -1,9 +1,13 @@
 """MQAR quality: TGN (hard gate + thermostat) against a Transformer and a pure recurrence.
 
 The Zoology grid: (seq_len, num_kv) pairs, vocabulary V, 2 layers, each d_model, best of a
-small learning-rate sweep per (model, grid point, width). Reported per row: held-out
-accuracy, the measured hard open rate, and where the gate opens (query positions vs
-elsewhere, mean over layers).
+learning-rate sweep per (model, grid point, width). Reported per row: held-out accuracy, the
+measured hard open rate, and where the gate opens (query positions vs elsewhere, mean over
+layers). `--fillers zero` is the Zoology paper's grid (token 0 between the queries);
+`random` fills with random tokens. For the TGN, `--gates` adds the reference gates at the
+same grid point: `oracle` (open exactly at the queries of the last layer) and `random`
+(Bernoulli at the learned gate's per-layer rates). `budget` is the fraction of Zoology's
+training budget (100k examples x 64 epochs) that the steps x batch_size cover.
 
   python benchmarks/mqar.py                                     # the full grid (GPU-sized)
   python benchmarks/mqar.py --grid 64:4 --d_models 64 --steps 3000
@@ -30,8 +34,11 @@ COLUMNS = [
   "open_rate",
   "open_at_queries",
   "open_elsewhere",
+  "gate",
+  "budget",
   "steps",
 ]
+ZOOLOGY_EXAMPLES = 100_000 * 64
 
 
 def grid_list(text: str) -> list[tuple[int, int]]:
@@ -48,7 +55,14 @@ def main(argv=None):
   )
   parser.add_argument("--vocab_size", type=int, default=8192)
   parser.add_argument("--d_models", type=common.int_list, default=[64, 128])
-  parser.add_argument("--lrs", type=common.float_list, default=[1e-3, 3e-3])
+  parser.add_argument("--lrs", type=common.float_list, default=[1e-4, 3e-4, 1e-3, 3e-3])
+  parser.add_argument("--fillers", choices=("random", "zero"), default="random")
+  parser.add_argument(
+    "--gates",
+    type=lambda text: text.split(","),
+    default=["learned"],
+    help="for the TGN: learned and the reference gates oracle, random (comma-separated)",
+  )
   models.add_option(parser, models.TRAINED)
   parser.add_argument("--steps", type=int, default=4000)
   parser.add_argument("--batch_size", type=int, default=64)
@@ -67,55 +81,77 @@ def main(argv=None):
   for seq_len, num_kv in args.grid:
     for d_model in args.d_models:
       for model in args.models:
-        best = None
-        for lr in args.lrs:
-          options = dict(
-            task="mqar",
-            seq_len=seq_len,
-            num_kv=num_kv,
-            vocab_size=args.vocab_size,
-            d_model=d_model,
-            n_layers=2,
-            n_heads=max(1, d_model // 64) * 2,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=lr,
-            eval_examples=args.eval_examples,
-            eval_every=max(1, args.steps // 8),
-            checkpoint_every=max(1, args.steps // 4),
-            target_rate=args.target_rate,
-          )
-          options.update(models.train_options(model))
-          name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
-          if models.MODELS[model].thermostat:
-            if args.tiny:  # too few steps for a soft warm-up
-              options["soft_warmup"] = 0
-            name += f"_target{args.target_rate:g}"
-          summary = common.train_run(options, runs_dir / name)
-          final = summary["final"]
-          row = dict(
-            model=model,
-            seq_len=seq_len,
-            num_kv=num_kv,
-            d_model=d_model,
-            lr=lr,
-            accuracy=final.get("eval_accuracy"),
-            open_rate=final.get("eval_gate_hard"),
-            open_at_queries=_mean(final.get("open_rate_scored")),
-            open_elsewhere=_mean(final.get("open_rate_unscored")),
-            open_per_layer=final.get("open_rate"),
-            lam=summary["lam"],
-            steps=summary["steps_completed"],
-            seconds=summary["wall_seconds"],
-            run=name,
-          )
-          print(f"{name}: accuracy {row['accuracy']:.4f} open {row['open_rate']:.3f}", flush=True)
-          if best is None or row["accuracy"] > best["accuracy"]:
-            best = row
-        rows.append(best)
+        reference_gates = [None]
+        if models.MODELS[model].thermostat:
+          reference_gates += [g for g in args.gates if g in ("oracle", "random")]
+        learned = None
+        for gate in reference_gates:
+          best = None
+          for lr in args.lrs:
+            options = dict(
+              task="mqar",
+              seq_len=seq_len,
+              num_kv=num_kv,
+              vocab_size=args.vocab_size,
+              fillers=args.fillers,
+              d_model=d_model,
+              n_layers=2,
+              n_heads=max(1, d_model // 64) * 2,
+              steps=args.steps,
+              batch_size=args.batch_size,
+              lr=lr,
+              eval_examples=args.eval_examples,
+              eval_every=max(1, args.steps // 8),
+              checkpoint_every=max(1, args.steps // 4),
+              target_rate=args.target_rate,
+            )
+            options.update(models.train_options(model))
+            name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
+            if args.fillers != "random":
+              name += f"_{args.fillers}"
+            if models.MODELS[model].thermostat:
+              if args.tiny:  # too few steps for a soft warm-up
+                options["soft_warmup"] = 0
+              name += f"_target{args.target_rate:g}"
+            if gate is not None:  # the learned gate's rates, at its best learning rate
+              options.update(reference_gate=gate, target_rate=None, lam=0.0)
+              if gate == "random":
+                options["reference_rates"] = [round(r, 4) for r in learned["open_per_layer"]]
+              name += f"_{gate}"
+            row = _row(common.train_run(options, runs_dir / name), model, seq_len, num_kv)
+            row.update(
+              d_model=d_model,
+              lr=lr,
+              gate=gate or "learned",
+              run=name,
+              budget=args.steps * args.batch_size / ZOOLOGY_EXAMPLES,
+            )
+            print(f"{name}: accuracy {row['accuracy']:.4f} open {row['open_rate']:.3f}", flush=True)
+            if best is None or row["accuracy"] > best["accuracy"]:
+              best = row
+          rows.append(best)
+          learned = learned or best
 
   common.print_table(rows, COLUMNS)
   return common.finish("mqar", args, {"rows": rows}, lambda png: plot(rows, png))
+
+
+def _row(summary, model, seq_len, num_kv):
+  final = summary["final"]
+  return dict(
+    model=model,
+    seq_len=seq_len,
+    num_kv=num_kv,
+    accuracy=final.get("eval_accuracy"),
+    open_rate=final.get("eval_gate_hard"),
+    open_at_queries=_mean(final.get("open_rate_scored")),
+    open_elsewhere=_mean(final.get("open_rate_unscored")),
+    open_per_layer=final.get("open_rate"),
+    oracle_open_rate=final.get("oracle_open_rate"),
+    lam=summary["lam"],
+    steps=summary["steps_completed"],
+    seconds=summary["wall_seconds"],
+  )
 
 
 def _mean(values):
@@ -131,10 +167,13 @@ def plot(rows, path):
 
   def lines(key, keep=lambda model: True):
     return {
-      f"{model} d={d_model}": [
-        (r["seq_len"], r[key]) for r in rows if r["model"] == model and r["d_model"] == d_model
+      f"{model} d={d_model}" + ("" if gate == "learned" else f" ({gate} gate)"): [
+        (r["seq_len"], r[key])
+        for r in rows
+        if r["model"] == model and r["d_model"] == d_model and r.get("gate", "learned") == gate
       ]
       for model, d_model in groups
+      for gate in sorted({r.get("gate", "learned") for r in rows})
       if keep(model)
     }
 

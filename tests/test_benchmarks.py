@@ -71,11 +71,11 @@ def test_registry_resolves_each_name_to_its_config_fields():
     assert [config.mixer, config.recurrence, config.gate, config.kv] == fields
     assert models.MODELS[name].open_rate == open_rate
     options = models.train_options(name)
-    trained = resolve(options)
+    trained = resolve(options).model_config(vocab_size=8, max_seq_len=8)
     assert [trained.mixer, trained.recurrence, trained.gate, trained.kv] == fields
     # Only the thermostat model keeps the benchmark's target; the others train without one.
     assert ("target_rate" not in options) == thermostat
-    assert thermostat or trained.target_rate is None
+    assert thermostat or resolve(options).thermostat.target_rate is None
   # Result files record a model's fields with its held open rate, as they always did.
   assert models.describe("tgn-kvopen-0.10") == dict(
     mixer="tgn", recurrence="mingru", gate="hard", kv="open", open_rate=0.10
@@ -447,3 +447,26 @@ def test_lm(tmp_path, monkeypatch):
     assert 0 < r["bpb"] < 9 and positive(r["seconds"])
   assert rows["transformer"]["seconds_to_reach"] is not None  # it defines the threshold
   assert_png(out.with_suffix(".png"))
+
+
+def test_mqar_reference_gates_at_the_learned_rates(tmp_path):
+  results, _ = run(
+    mqar,
+    tmp_path,
+    "--models",
+    "tgn",
+    "--gates",
+    "learned,oracle,random",
+    "--fillers",
+    "zero",
+    "--runs_dir",
+    str(tmp_path / "runs"),
+  )
+  learned, oracle, random = results["rows"]
+  assert [r["gate"] for r in results["rows"]] == ["learned", "oracle", "random"]
+  assert oracle["open_elsewhere"] == 0.0 and oracle["open_at_queries"] == 0.5  # last layer only
+  assert abs(oracle["open_rate"] - oracle["oracle_open_rate"]) < 1e-6
+  stored = json.loads((tmp_path / "runs" / random["run"] / "config.json").read_text())
+  assert stored["ablation"]["reference_rates"] == pytest.approx(learned["open_per_layer"], abs=1e-4)
+  assert stored["task"]["fillers"] == "zero"
+  assert 0 < learned["budget"] < 1e-3

@@ -265,6 +265,7 @@ def test_causality(mode):
     dict(mixer="tgn", gate="hard", recurrence="mingru", kv="open"),
     dict(mixer="tgn", gate="soft", recurrence="mingru"),
     dict(mixer="attention"),
+    dict(mixer="attention", rope=False, learned_positions=True, norm="none", mlp_activation="relu"),
     dict(mixer="recurrent"),
   ],
   ids=mode_id,

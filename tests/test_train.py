@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -567,3 +569,32 @@ def test_oracle_reference_gate_opens_only_at_queries_of_the_last_layer(tmp_path,
 def test_random_reference_gate_needs_a_rate_per_layer(capsys):
   code, _, err = run_main(["--reference_gate=random", "--reference_rates=0.1,0.2,0.3"], capsys)
   assert code == 2 and "--reference_rates must give a rate" in err
+
+
+def test_modadd_preset_is_the_nanda_recipe():
+  c = resolve({"task": "modadd"})
+  model = c.model_config(vocab_size=114, max_seq_len=3)
+  assert (c.task.p, c.task.train_fraction) == (113, 0.3)
+  assert (model.n_layers, model.d_model, model.n_heads, model.mlp_dim) == (1, 128, 4, 512)
+  assert (model.mixer, model.mlp_activation, model.norm) == ("attention", "relu", "none")
+  assert (model.rope, model.learned_positions) == (False, True)
+  o = c.optimizer
+  assert (o.lr, o.weight_decay, o.b1, o.b2, o.clip_norm) == (1e-3, 1.0, 0.9, 0.98, None)
+  assert c.thermostat.target_rate is None
+  from tgn_jax.training import steps
+  from tgn_jax.training.tasks import make_task
+
+  task = make_task(c.replace(**{"task.p": 13}))
+  assert task.batch_size == len(task.train_batch(0).inputs)  # full batch
+  assert (task.train_batch(0).mask[:, :2] == 0).all()  # loss on the last position only
+  # No clipping: a huge gradient reaches Adam's moments unscaled (clipped to norm 1 it would not).
+  params = {"w": jnp.zeros(3)}
+  huge = {"w": jnp.full(3, 1e6)}
+
+  def largest_moment(config):
+    optimizer = steps.make_optimizer(config)
+    _, state = optimizer.update(huge, optimizer.init(params), params)
+    return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(state) if jnp.ndim(x) >= 1)
+
+  assert largest_moment(c) > 1e4
+  assert largest_moment(resolve({"task": "modadd", "optimizer.clip_norm": 1.0})) < 1.0

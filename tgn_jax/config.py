@@ -14,6 +14,8 @@ GateMode = Literal["soft", "hard", "open", "closed"]
 Execution = Literal["sparse", "dense"]
 KeyValues = Literal["all", "open"]
 GateInput = Literal["recurrence", "both"]
+Norm = Literal["rms", "none"]
+Activation = Literal["gelu", "relu"]
 
 MIXERS = ("tgn", "attention", "recurrent")
 RECURRENCES = ("mingru", "gru")
@@ -21,6 +23,8 @@ GATE_MODES = ("soft", "hard", "open", "closed")
 EXECUTIONS = ("sparse", "dense")
 KEY_VALUES = ("all", "open")
 GATE_INPUTS = ("recurrence", "both")
+NORMS = ("rms", "none")
+ACTIVATIONS = ("gelu", "relu")
 IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -47,6 +51,10 @@ class TGNConfig:
   attention_execution: for the hard gate, "sparse" (gather the open tokens and
     compute attention for them only) or "dense" (attention everywhere, same
     mix). None picks "sparse" for the hard gate, "dense" otherwise.
+  learned_positions: add a learned position embedding [max_seq_len, D] to the tokens'
+    (with or without rope).
+  norm: "rms" (RMSNorm before each sub-layer and the output head) or "none".
+  mlp_activation: "gelu" or "relu".
   gate_input: what the gate reads: "recurrence" (the recurrence's output r_t) or "both"
     (the block's normalised input and r_t).
   kv: "all" (every token writes a key and value) or "open" (only tokens whose hard gate
@@ -113,6 +121,9 @@ class TGNConfig:
   exploration_floor: float = 0.002
   rope: bool = True
   rope_base: float = 10_000.0
+  learned_positions: bool = False
+  norm: Norm = "rms"
+  mlp_activation: Activation = "gelu"
   attention_impl: Optional[str] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -154,6 +165,8 @@ class TGNConfig:
     _require_choice("param_dtype", self.param_dtype, tuple(DTYPES))
     _require_choice("kv", self.kv, KEY_VALUES)
     _require_choice("gate_input", self.gate_input, GATE_INPUTS)
+    _require_choice("norm", self.norm, NORMS)
+    _require_choice("mlp_activation", self.mlp_activation, ACTIVATIONS)
     if self.kv == "open" and not (self.mixer == "tgn" and self.gate == "hard"):
       raise ConfigFieldError(
         "kv",

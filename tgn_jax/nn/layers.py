@@ -23,7 +23,17 @@ def linear(
   )
 
 
-def rms_norm(config: TGNConfig, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
+class Identity(nnx.Module):
+  """x -> x (the norm of config.norm="none")."""
+
+  def __call__(self, x):
+    return x
+
+
+def rms_norm(config: TGNConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """RMSNorm over D, or the identity with config.norm="none"."""
+  if config.norm == "none":
+    return Identity()
   return nnx.RMSNorm(
     config.d_model,
     epsilon=1e-6,
@@ -34,14 +44,15 @@ def rms_norm(config: TGNConfig, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class MLP(nnx.Module):
-  """Position-wise GELU MLP, [B, T, D] -> [B, T, D]."""
+  """Position-wise MLP (GELU or ReLU: config.mlp_activation), [B, T, D] -> [B, T, D]."""
 
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     self.up = linear(config, config.d_model, config.mlp_dim, rngs=rngs)
     self.down = linear(config, config.mlp_dim, config.d_model, rngs=rngs)
+    self.activation = jax.nn.relu if config.mlp_activation == "relu" else jax.nn.gelu
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return self.down(jax.nn.gelu(self.up(x_BTD)))
+    return self.down(self.activation(self.up(x_BTD)))
 
 
 class GateHead(nnx.Module):

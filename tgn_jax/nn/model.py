@@ -65,6 +65,16 @@ class TGNLM(nnx.Module):
       rngs=rngs,
       embedding_init=nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model)),
     )
+    self.positions = None
+    if config.learned_positions:
+      self.positions = nnx.Embed(
+        config.max_seq_len,
+        config.d_model,
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        rngs=rngs,
+        embedding_init=nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model)),
+      )
     self.blocks = _stacked_blocks(config, rngs.params())
     self.final_norm = rms_norm(config, rngs=rngs)
 
@@ -131,11 +141,18 @@ class TGNLM(nnx.Module):
 
     if cfg.remat:
       layer = jax.checkpoint(layer, prevent_cse=False)
-    x = self.embed(tokens_BT)
+    x = self._embed(tokens_BT, positions_BT)
     x, (layer_aux, caches) = jax.lax.scan(layer, x, (block_state, layer_keys, cache, open_LBT))
     if last_logits_only:  # prefill: [B, 1, V], not the full [B, T, V]
       x = x[:, -1:]
     return self._logits(x), _summarize(layer_aux, stats), caches
+
+  def _embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    """Token embeddings [B, T, D], plus learned position embeddings if configured."""
+    x = self.embed(tokens_BT)
+    if self.positions is not None:
+      x = x + self.positions(positions_BT)
+    return x
 
   def _logits(self, x_BTD: jax.Array) -> jax.Array:
     x = self.final_norm(x_BTD)
@@ -393,8 +410,8 @@ def _decode_steps(
     logits_BV, caches, key = carry
     key, sub = jax.random.split(key)
     token_B = pick(logits_BV, sub)
-    x = model.embed(token_B[:, None])
     positions_B1 = jnp.full((token_B.shape[0], 1), position + step, jnp.int32)
+    x = model._embed(token_B[:, None], positions_B1)
     new_caches, is_open = [], []
     for block, cache in zip(blocks, caches):
       x, aux, cache = block(x, positions_B1, cache=cache)

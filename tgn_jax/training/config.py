@@ -62,7 +62,7 @@ class OptimizerConfig:
   weight_decay: float = _field(0.1, "AdamW weight decay")
   b1: float = _field(0.9, "Adam beta1")
   b2: float = _field(0.99, "Adam beta2")
-  clip_norm: float = _field(1.0, "global gradient-norm clip")
+  clip_norm: Optional[float] = _field(1.0, "global gradient-norm clip (none: no clipping)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +157,9 @@ MODEL_HELP = {
   "exploration_floor": "fraction of closed-gate tokens explored at least",
   "rope": "rotary position embeddings",
   "rope_base": "rotary embedding base",
+  "learned_positions": "add learned position embeddings to the token embeddings",
+  "norm": "rms (RMSNorm before each sub-layer and the head) | none",
+  "mlp_activation": "gelu | relu",
   "attention_impl": "xla | cudnn | pallas (default: cuDNN on GPU in 16 bits, else XLA)",
   "dtype": "compute dtype: float32 | bfloat16 | float16",
   "param_dtype": "parameter dtype: float32 | bfloat16 | float16",
@@ -301,11 +304,32 @@ class TrainConfig:
 # Settings that make each task train sensibly out of the box (nested, like a --config file).
 PRESETS: dict[str, dict[str, Any]] = {
   "mqar": {"model": dict(d_model=64, n_layers=2, n_heads=2)},
-  # Nanda et al. 2023: 1 layer, d 128, 4 heads, d_mlp 512, AdamW lr 1e-3, wd 1, betas (0.9, 0.98).
+  # Nanda et al. 2023, "Progress measures for grokking": p = 113, one layer, d_model 128, 4
+  # heads, d_mlp 512, ReLU, no normalisation, learned positions, no gradient clipping, AdamW
+  # lr 1e-3, weight decay 1, betas (0.9, 0.98), full batch, 30% of the pairs for training,
+  # loss on the last position (the task's mask).
   "modadd": {
-    "task": dict(name="modadd"),
-    "model": dict(d_model=128, n_layers=1, n_heads=4, d_mlp=512, mixer="attention"),
-    "optimizer": dict(lr=1e-3, weight_decay=1.0, b2=0.98, warmup_steps=10, min_lr_ratio=1.0),
+    "task": dict(name="modadd", p=113, train_fraction=0.3),
+    "model": dict(
+      d_model=128,
+      n_layers=1,
+      n_heads=4,
+      d_mlp=512,
+      mixer="attention",
+      mlp_activation="relu",
+      norm="none",
+      rope=False,
+      learned_positions=True,
+    ),
+    "optimizer": dict(
+      lr=1e-3,
+      weight_decay=1.0,
+      b1=0.9,
+      b2=0.98,
+      clip_norm=None,
+      warmup_steps=10,
+      min_lr_ratio=1.0,
+    ),
     "thermostat": dict(target_rate=None),
     "run": dict(steps=20000, eval_every=100, checkpoint_every=1000, log_every=50),
   },
@@ -458,6 +482,8 @@ def validate(c: TrainConfig) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       fail(path, f"must be a non-negative integer, got {value!r}")
   for path in ("optimizer.lr", "optimizer.clip_norm", "thermostat.lam_lr", "thermostat.lam_min"):
+    if path == "optimizer.clip_norm" and values[path] is None:
+      continue
     if not _finite(values[path]) or values[path] <= 0:
       fail(path, f"must be a positive number, got {values[path]!r}")
   for path in ("thermostat.lam", "optimizer.weight_decay"):

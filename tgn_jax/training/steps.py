@@ -60,9 +60,11 @@ class StepControls(NamedTuple):
 
 def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
   """optax's AdamW without its learning-rate scaling (applied by the step from its controls),
-  after global-norm clipping; non-finite updates are skipped and counted."""
+  after global-norm clipping (none with clip_norm None); non-finite updates are skipped and
+  counted."""
+  clip = c.optimizer.clip_norm
   inner = optax.chain(
-    optax.clip_by_global_norm(c.optimizer.clip_norm),
+    optax.identity() if clip is None else optax.clip_by_global_norm(clip),
     optax.scale_by_adam(b1=c.optimizer.b1, b2=c.optimizer.b2),
     optax.add_decayed_weights(c.optimizer.weight_decay),
   )
