@@ -65,7 +65,7 @@ class TGNLM(nnx.Module):
       rngs=rngs,
       embedding_init=nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model)),
     )
-    self.positions = None
+    self.positions = nnx.data(None)
     if config.learned_positions:
       self.positions = nnx.Embed(
         config.max_seq_len,
