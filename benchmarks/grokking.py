@@ -2,9 +2,11 @@
 accuracy jumps?
 
 Modular addition (a + b) mod p, the Nanda et al. recipe (train.py --task modadd preset:
-1 layer, d_model 128, 4 heads, d_mlp 512, AdamW lr 1e-3, weight decay 1, betas (0.9, 0.98),
-full batch, 30% train split), several seeds. Per seed: the step where C (mean over heads
-and queries) peaks and its height over the median, the steps where train and test accuracy
+1 layer, d_model 128, 4 heads, d_mlp 512, ReLU, no normalisation, learned positions, no
+clipping, AdamW lr 1e-3, weight decay 1, betas (0.9, 0.98), full batch, 30% train split,
+loss on the last position), several seeds. Per seed: the step where C (mean over heads and
+queries) peaks, its height over the median and in units of the curve's noise (median
+absolute change between evaluations), each head's peak step, the steps where train and test accuracy
 first reach 0.9 (memorisation, generalisation), and the lead of the peak; a plot of C and
 accuracies against step. A peak that only marks memorisation says nothing about grokking.
 
@@ -26,6 +28,8 @@ COLUMNS = [
   "seed",
   "peak_step",
   "peak_over_median",
+  "peak_in_noise",
+  "head_peak_steps",
   "memorised_step",
   "grok_step",
   "lead",
@@ -49,10 +53,19 @@ def analyse(evals: list[dict], threshold: float) -> dict:
     return int(steps[index[0]]) if index.size else None
 
   grok = first(test >= threshold)
+  # The curve's noise: the median absolute step-to-step change (robust to the peak itself).
+  noise = float(np.nanmedian(np.abs(np.diff(heat)))) if len(heat) > 2 else float("nan")
+  heads = [e.get("specific_heat_per_head") for e in evals]
+  head_peaks = None
+  if all(h is not None for h in heads):
+    per_head = np.asarray(heads, float).reshape(len(evals), -1)  # [evals, L * N]
+    head_peaks = [int(steps[int(np.nanargmax(per_head[:, h]))]) for h in range(per_head.shape[1])]
   return dict(
     peak_step=peak,
     peak_heat=float(np.nanmax(heat)),
     peak_over_median=float(np.nanmax(heat) / np.nanmedian(heat)),
+    peak_in_noise=float((np.nanmax(heat) - np.nanmedian(heat)) / noise) if noise > 0 else None,
+    head_peak_steps=head_peaks,
     memorised_step=first(train >= threshold),
     grok_step=grok,
     lead=None if grok is None else grok - peak,
@@ -134,7 +147,12 @@ def _draw(axes, curves, rows):
       color="tab:red",
       label="specific heat C",
     )
-    ax.set_ylabel("C", color="tab:red")
+    heads = [e.get("specific_heat_per_head") for e in evals]
+    if all(h is not None for h in heads):
+      per_head = np.asarray(heads, float).reshape(len(evals), -1)
+      for h in range(per_head.shape[1]):
+        ax.plot(steps, per_head[:, h], color="tab:red", lw=0.6, alpha=0.35)
+    ax.set_ylabel("C (mean; heads thin)", color="tab:red")
     twin = ax.twinx()
     twin.plot(steps, [e["eval_accuracy"] for e in evals], color="tab:blue", label="test acc")
     twin.plot(

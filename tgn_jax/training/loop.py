@@ -373,6 +373,8 @@ def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None
       with np.errstate(invalid="ignore", divide="ignore"):
         for stat in ("specific_heat", "entropy", "free_energy", "internal_energy"):
           record[stat] = (total[stat] / total["stats_count"]).tolist()
+        heads = total["specific_heat_heads"] / total["stats_count_heads"]
+        record["specific_heat_per_head"] = heads.tolist()  # [L][N]
   return record
 
 

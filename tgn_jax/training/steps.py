@@ -356,6 +356,11 @@ def make_eval_step(
       for name in ("specific_heat", "entropy", "free_energy", "internal_energy"):
         value = getattr(aux.token_stats, name)
         sums[name] = jnp.sum(jnp.where(stat_mask, value, 0.0), axis=(1, 2, 3))
+      # Per head [L, N]: grokking's specific heat is read head by head.
+      sums["stats_count_heads"] = jnp.sum(stat_mask, axis=(1, 2)).astype(jnp.float32)
+      sums["specific_heat_heads"] = jnp.sum(
+        jnp.where(stat_mask, aux.token_stats.specific_heat, 0.0), axis=(1, 2)
+      )
     return sums
 
   if mesh is None:
