@@ -457,7 +457,7 @@ def test_help_lists_options_with_defaults():
     "--gate",
   ):
     assert option in result.stdout
-  assert "(default: 1500)" in result.stdout and "modadd:" in result.stdout
+  assert "(default: 1200)" in result.stdout and "modadd:" in result.stdout
 
 
 def test_every_model_field_has_a_flag_and_reaches_the_model(tmp_path):

@@ -99,7 +99,7 @@ class TGNConfig:
   gate_threshold: float = 0.5
   gate_sampling: bool = False
   gate_hidden: Optional[int] = None
-  gate_input: GateInput = "recurrence"
+  gate_input: GateInput = "both"
   gate_bias_init: float = 0.0
   attention_execution: Optional[Execution] = None
   kv: KeyValues = "all"

@@ -100,7 +100,7 @@ class AblationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  steps: int = _field(1500, "optimizer steps")
+  steps: int = _field(1200, "optimizer steps")
   out: Optional[str] = _field(
     None, "run directory (metrics, summary, plots, checkpoints; default: runs/TASK-DATE-TIME)"
   )
