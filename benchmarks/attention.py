@@ -25,27 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, gate_control
 from tgn_jax.config import TGNConfig
 from tgn_jax.ops.attention import gibbs_attention
-from tgn_jax.ops.gate import (
-  CapacityLadder,
-  count_report,
-  distinct_fractions,
-  route_causal_segments,
-)
+from tgn_jax.ops.gate import CapacityLadder, count_report, distinct_fractions, route_causal_segments
 
-COLUMNS = [
-  "T",
-  "B",
-  "path",
-  "impl",
-  "rate",
-  "segment",
-  "capacity",
-  "gathered",
-  "ms",
-  "fraction",
-  "ideal",
-  "error",
-]
+COLUMNS = "T B path impl rate segment capacity gathered ms fraction ideal error".split()
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, rate, dtype):
@@ -155,30 +137,16 @@ def main(argv=None):
               gated_loss, impl=impl, segment_len=segment, multiple=args.multiple, capacity=capacity
             )
           )
+          point = dict(T=seq_len, B=batch, rate=rate, path="gated", impl=impl, segment=segment)
           try:
             timing = common.time_fn(lambda: step(*inputs), repeats=args.repeats)
           except Exception as e:  # an unsupported shape for this route: keep going
-            rows.append(
-              dict(
-                T=seq_len,
-                B=batch,
-                rate=rate,
-                path="gated",
-                impl=impl,
-                segment=segment,
-                error=common.error_text(e),
-              )
-            )
+            rows.append(dict(point, error=common.error_text(e)))
             print(f"  rate={rate} segment={segment} {impl}: {rows[-1]['error']}", flush=True)
             continue
           rows.append(
             dict(
-              T=seq_len,
-              B=batch,
-              rate=rate,
-              path="gated",
-              impl=impl,
-              segment=segment,
+              point,
               capacity=capacity,
               gathered=gathered,
               ms=timing["median_ms"],

@@ -209,6 +209,12 @@ def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
   return RunDir(run_dir).records(kind)
 
 
+def runs_dir(name: str, args) -> Path:
+  """Where a quality benchmark's training runs go: --runs_dir, else
+  results/NAME_runs (NAME_runs_tiny for --tiny)."""
+  return Path(args.runs_dir or RESULTS_DIR / (f"{name}_runs" + ("_tiny" if args.tiny else "")))
+
+
 def save_partial(name: str, args, rows: list[dict[str, Any]]) -> None:
   """Writes the rows measured so far (marked partial), so that a run stopped by its time
   limit keeps them; `finish` overwrites the file with the complete results."""

@@ -35,20 +35,10 @@ from benchmarks import common, gate_control, models
 from tgn_jax import TGNConfig, count_params, functional
 
 MODELS = ("tgn-hard-0.10", "tgn-kvopen-0.10", "transformer")
-COLUMNS = [
-  "model",
-  "context",
-  "B",
-  "prefill_ms",
-  "ms_per_step",
-  "tokens_per_s",
-  "vs_transformer",
-  "decode_open_rate",
-  "decode_skip_rate",
-  "cache_gib",
-  "peak_gib",
-  "error",
-]
+COLUMNS = (
+  "model context B prefill_ms ms_per_step tokens_per_s vs_transformer "
+  "decode_open_rate decode_skip_rate cache_gib peak_gib error"
+).split()
 
 
 def main(argv=None):
@@ -82,11 +72,7 @@ def main(argv=None):
 
   common.print_table(rows, COLUMNS)
   config = {
-    "layers": args.layers,
-    "d_model": args.d_model,
-    "heads": args.heads,
-    "vocab": args.vocab,
-    "dtype": args.dtype,
+    **models.size_config(args),
     "steps": args.steps,
     "temperature": args.temperature,
     "attention_impl": args.attention_impl,

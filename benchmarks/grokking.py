@@ -24,19 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common
 
-COLUMNS = [
-  "seed",
-  "peak_step",
-  "peak_over_median",
-  "peak_in_noise",
-  "head_peak_steps",
-  "memorised_step",
-  "grok_step",
-  "lead",
-  "peak_heat",
-  "final_test_accuracy",
-  "final_train_accuracy",
-]
+COLUMNS = (
+  "seed peak_step peak_over_median peak_in_noise head_peak_steps memorised_step "
+  "grok_step lead peak_heat final_test_accuracy final_train_accuracy"
+).split()
 
 
 def analyse(evals: list[dict], threshold: float) -> dict:
@@ -88,9 +79,7 @@ def main(argv=None):
   if args.tiny:
     args.p, args.seeds, args.steps, args.eval_every = 13, [0], 40, 10
     extra = dict(d_model=32, d_mlp=64)
-  runs_dir = Path(
-    args.runs_dir or common.RESULTS_DIR / ("grokking_runs" + ("_tiny" if args.tiny else ""))
-  )
+  runs_dir = common.runs_dir("grokking", args)
 
   rows, curves = [], {}
   for seed in args.seeds:

@@ -47,9 +47,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.tiny:
     args.steps, args.seq_len, args.batch_size, args.d_model = 20, 32, 4, 32
-  runs_dir = Path(
-    args.runs_dir or common.RESULTS_DIR / ("lm_runs" + ("_tiny" if args.tiny else ""))
-  )
+  runs_dir = common.runs_dir("lm", args)
 
   rows, evals = [], {}
   for model in args.models:

@@ -100,6 +100,12 @@ def add_option(parser: argparse.ArgumentParser, choices: Sequence[str]) -> None:
 TINY_SIZE = dict(layers=2, d_model=32, heads=2, vocab=64, dtype="float32")
 
 
+def size_config(args) -> dict:
+  """The size options as a result file's config records them."""
+  names = ("layers", "d_model", "heads", "vocab", "dtype")
+  return {name: getattr(args, name) for name in names}
+
+
 def add_size_options(parser: argparse.ArgumentParser) -> None:
   """--layers, --d_model, --heads, --vocab, --dtype and --attention_impl of the timed
   library models (default: GPT-2 small's shape, bf16 compute)."""

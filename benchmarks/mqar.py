@@ -24,20 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, models
 
-COLUMNS = [
-  "model",
-  "seq_len",
-  "num_kv",
-  "d_model",
-  "lr",
-  "accuracy",
-  "open_rate",
-  "open_at_queries",
-  "open_elsewhere",
-  "gate",
-  "budget",
-  "steps",
-]
+COLUMNS = (
+  "model seq_len num_kv d_model lr accuracy open_rate open_at_queries "
+  "open_elsewhere gate budget steps"
+).split()
 ZOOLOGY_EXAMPLES = 100_000 * 64
 
 
@@ -73,9 +63,7 @@ def main(argv=None):
   if args.tiny:
     args.grid, args.vocab_size, args.d_models, args.lrs = [(32, 4)], 64, [32], [3e-3]
     args.steps, args.batch_size, args.eval_examples = 30, 16, 32
-  runs_dir = Path(
-    args.runs_dir or common.RESULTS_DIR / ("mqar_runs" + ("_tiny" if args.tiny else ""))
-  )
+  runs_dir = common.runs_dir("mqar", args)
 
   rows = []
   for seq_len, num_kv in args.grid:

@@ -48,9 +48,7 @@ def main(argv=None):
   for item in filter(None, args.task_options.split(",")):
     key, value = item.split("=")
     base[key] = type(base.get(key, value))(value) if key in base else _parse(value)
-  runs_dir = Path(
-    args.runs_dir or common.RESULTS_DIR / ("phase_runs" + ("_tiny" if args.tiny else ""))
-  )
+  runs_dir = common.runs_dir("phase", args)
 
   rows = []
   for lam in args.lams:

@@ -30,33 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, gate_control, models, plain_gpt
 from tgn_jax import TGNConfig, count_params, functional
 from tgn_jax.nn.model import capacity_ladder
-from tgn_jax.training import (
-  sharding,
-  steps,
-)
+from tgn_jax.training import sharding, steps
 from tgn_jax.training.config import resolve
 
 LEARNING_RATE = 1e-5
-COLUMNS = [
-  "model",
-  "mesh",
-  "T",
-  "B",
-  "ms",
-  "tokens_per_s",
-  "vs_transformer",
-  "vs_plain_gpt",
-  "vs_unsharded",
-  "open_rate",
-  "compute_rate",
-  "capacity",
-  "gathered_fraction",
-  "redone",
-  "peak_gib",
-  "xla_gib",
-  "compile_s",
-  "error",
-]
+COLUMNS = (
+  "model mesh T B ms tokens_per_s vs_transformer vs_plain_gpt vs_unsharded "
+  "open_rate compute_rate capacity gathered_fraction redone peak_gib xla_gib "
+  "compile_s error"
+).split()
 
 
 def main(argv=None):
@@ -105,11 +87,7 @@ def main(argv=None):
 
   common.print_table(rows, COLUMNS)
   config = {
-    "layers": args.layers,
-    "d_model": args.d_model,
-    "heads": args.heads,
-    "vocab": args.vocab,
-    "dtype": args.dtype,
+    **models.size_config(args),
     "tokens_per_batch": args.tokens_per_batch,
     "remat": args.remat,
     "attention_impl": args.attention_impl,
@@ -200,11 +178,7 @@ def measure(name: str, seq_len: int, args, mesh=None) -> dict:
     timing = common.time_fn(train_step, warmup=3, repeats=args.repeats)
     redone_in_timing = sum(redone[-timing["repeats"] :])
     row.update(
-      ms=timing["median_ms"],
-      min_ms=timing["min_ms"],
-      tokens_per_s=batch * seq_len / (timing["median_ms"] / 1e3),
-      peak_gib=common.peak_memory_gib(),
-      compile_s=timing["compile_ms"] / 1e3,
+      _timed(timing, batch * seq_len),
       capacity=ladder.current,
       redone=redone_in_timing,
       gathered_fraction=gate_control.gathered_fraction(
@@ -227,6 +201,17 @@ def measure(name: str, seq_len: int, args, mesh=None) -> dict:
   except Exception as e:  # out of memory, compilation failure: keep the row, go on
     row["error"] = common.error_text(e)
   return row
+
+
+def _timed(timing: dict, tokens_per_step: int) -> dict:
+  """A row's timing columns from common.time_fn's result."""
+  return dict(
+    ms=timing["median_ms"],
+    min_ms=timing["min_ms"],
+    tokens_per_s=tokens_per_step / (timing["median_ms"] / 1e3),
+    peak_gib=common.peak_memory_gib(),
+    compile_s=timing["compile_ms"] / 1e3,
+  )
 
 
 def _compiled_gib(compiled) -> float | None:
@@ -270,15 +255,7 @@ def measure_plain_gpt(seq_len: int, args) -> dict:
       return loss
 
     timing = common.time_fn(train_step, warmup=2, repeats=args.repeats)
-    row.update(
-      ms=timing["median_ms"],
-      min_ms=timing["min_ms"],
-      tokens_per_s=batch * seq_len / (timing["median_ms"] / 1e3),
-      peak_gib=common.peak_memory_gib(),
-      compile_s=timing["compile_ms"] / 1e3,
-      xla_gib=xla_gib,
-      loss=float(train_step()),
-    )
+    row.update(_timed(timing, batch * seq_len), xla_gib=xla_gib, loss=float(train_step()))
   except Exception as e:  # out of memory, compilation failure: keep the row, go on
     row["error"] = common.error_text(e)
   return row

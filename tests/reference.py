@@ -1,4 +1,4 @@
-"""Float64 NumPy references for the tests."""
+"""Float64 NumPy references for the tests, and the tiny model config they share."""
 
 import numpy as np
 
@@ -87,3 +87,25 @@ def gru_reference_np(x_proj, w_hh, b_hh, h0=None):
     h = (1 - z) * n + z * h
     out.append(h)
   return np.stack(out, axis=1)
+
+
+VOCAB, SEQ = 23, 16
+
+
+def tiny_config(**overrides):
+  """A TGNConfig small enough for CPU tests: vocabulary 23, 2 layers of width 16, segments of
+  8 tokens, capacities rounded to single tokens."""
+  from tgn_jax import TGNConfig
+
+  base = dict(
+    vocab_size=VOCAB,
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    max_seq_len=32,
+    d_mlp=32,
+    capacity_buckets=(0.25, 0.5, 1.0),
+    segment_len=8,
+    capacity_multiple=1,
+  )
+  return TGNConfig(**{**base, **overrides})

@@ -327,12 +327,12 @@ BAD_CALLS = {
   "flash_heads": (
     lambda q, k, v, p: flash.flash_attention(q[:, :, :3], k, v, p, p),
     ValueError,
-    "q heads must be a multiple of k heads",
+    "q heads must be a multiple of k/v heads",
   ),
   "flash_dtype": (
     lambda q, k, v, p: flash.flash_attention(q, k, v.astype(jnp.bfloat16), p, p),
     TypeError,
-    "flash_attention: q, k, v must share a dtype",
+    "flash_attention: q, k and v must share a dtype",
   ),
   "flash_q_pos": (
     lambda q, k, v, p: flash.flash_attention(q, k, v, p[:, :5], p),

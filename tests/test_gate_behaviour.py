@@ -7,27 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import SEQ, VOCAB, tiny_config
 
-from tgn_jax import TGNConfig, functional
+from tgn_jax import functional
 from tgn_jax.training.steps import thermostat
-
-VOCAB, SEQ = 23, 16
 
 
 def config(**overrides):
-  base = dict(
-    vocab_size=VOCAB,
-    d_model=16,
-    n_layers=2,
-    n_heads=2,
-    max_seq_len=32,
-    d_mlp=32,
-    capacity_buckets=(0.25, 0.5, 1.0),
-    segment_len=8,
-    capacity_multiple=1,
-  )
-  base.update(overrides)
-  return TGNConfig(**base)
+  return tiny_config(**overrides)
 
 
 def tokens(seed, batch=3):

@@ -23,19 +23,11 @@ from tgn_jax.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 # d_model 64: the MLP and recurrence weights are large enough to be sharded.
-RUN = [
-  "--steps=8",
-  "--batch_size=16",
-  "--d_model=64",
-  "--eval_examples=64",
-  "--log_every=4",
-  "--eval_every=8",
-  "--checkpoint_every=4",
-  "--soft_warmup=4",
-  "--lam_warmup=4",
-  "--no-progress",
-  "--no-plots",
-]
+RUN = (
+  "--steps=8 --batch_size=16 --d_model=64 --eval_examples=64 --log_every=4 "
+  "--eval_every=8 --checkpoint_every=4 --soft_warmup=4 --lam_warmup=4 --no-progress "
+  "--no-plots"
+).split()
 
 
 def records(run_dir, kind="train"):

@@ -17,17 +17,10 @@ from tgn_jax.training import cli, loop
 from tgn_jax.training.config import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-  "--batch_size=16",
-  "--d_model=32",
-  "--eval_examples=64",
-  "--log_every=5",
-  "--eval_every=25",
-  "--checkpoint_every=25",
-  "--soft_warmup=0",
-  "--no-progress",
-  "--no-plots",
-]
+TINY = (
+  "--batch_size=16 --d_model=32 --eval_examples=64 --log_every=5 --eval_every=25 "
+  "--checkpoint_every=25 --soft_warmup=0 --no-progress --no-plots"
+).split()
 
 
 def records(run_dir, kind):
@@ -231,16 +224,9 @@ def test_overflowing_step_changes_nothing_and_is_redone():
   from tgn_jax.ops.gate import CapacityLadder
   from tgn_jax.training import steps
 
+  flags = "--seq_len=64 --segment_len=64 --capacity_multiple=1 --d_model=32 --batch_size=4 "
   config = resolve(
-    dict(
-      seq_len=64,
-      segment_len=64,
-      capacity_multiple=1,
-      d_model=32,
-      batch_size=4,
-      gate_bias_init=2.0,
-      warmup_steps=0,
-    )
+    vars(cli.build_parser().parse_args((flags + "--gate_bias_init=2.0 --warmup_steps=0").split()))
   )
   model_config = config.model_config(vocab_size=64, max_seq_len=64)
   optimizer = steps.make_optimizer(config)
@@ -289,17 +275,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 # ---------------------------------------------------------------------------- other tasks
 
 
-TEXT = [
-  "--task=text",
-  "--steps=40",
-  "--seq_len=32",
-  "--batch_size=8",
-  "--d_model=32",
-  "--eval_every=20",
-  "--eval_batches=2",
-  "--no-progress",
-  "--no-plots",
-]
+TEXT = (
+  "--task=text --steps=40 --seq_len=32 --batch_size=8 --d_model=32 --eval_every=20 "
+  "--eval_batches=2 --no-progress --no-plots"
+).split()
 
 
 def test_text_task_on_a_small_file(tmp_path, capsys, monkeypatch):

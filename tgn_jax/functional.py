@@ -42,13 +42,20 @@ def apply(
   capacity: Optional[float] = None,
   open_LBT: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, ModelAux]:
-  """Runs the model: logits float32 [B, T, V] and ModelAux (see TGNLM.__call__).
+  """Runs the model: logits float32 [B, T, V] and ModelAux. `TGNLM.__call__` is this.
 
-  capacity: the hard gate's routing capacity (static). Under jit/grad/vmap the default
-  is 1.0 (attention computed densely); with a smaller fraction, check aux.overflow and
-  recompute at a larger one when it is set (tgn_jax.ops.CapacityLadder does the choice).
+  rng: training randomness (Bernoulli gate sampling, exploration of closed gates); None
+    runs deterministically (threshold gate, no exploration).
+  stats: "mean" (per-layer means of the attention observables), "token" (also the
+    per-token values) or None (skip their extra pass).
+  capacity: the hard gate's routing capacity, a fraction of each segment (static). None:
+    called eagerly, the smallest of config.capacity_buckets that holds the tokens, found by
+    a CapacityLadder kept per input shape (a call that overflows is redone, so no token is
+    ever left out); under jit/grad/vmap, 1.0 (attention computed densely). An explicit
+    fraction below 1 is the caller's promise to check aux.overflow and recompute at a
+    larger one when it is set (tgn_jax.ops.CapacityLadder does the choice).
   open_LBT: bool [L, B, T], a given hard-gate decision per layer in place of the learned
-  one (reference gates for ablations: see tgn_jax.ops.gate.oracle_gate, random_gate).
+    one (reference gates for ablations: see tgn_jax.ops.gate.oracle_gate, random_gate).
   """
   _check_params(model_def, params)
   config = _config_of(model_def)

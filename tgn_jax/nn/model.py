@@ -31,7 +31,7 @@ class ModelAux(NamedTuple):
   [L, B, T, N] (NaN where attention was not computed) when requested.
   overflow: bool scalar, True if routing at the requested capacity had to leave out
   tokens; the outputs are then not the model's and must be recomputed at a larger
-  capacity (see TGNLM.__call__). capacity_needed: float32 scalar, the smallest capacity
+  capacity (see functional.apply). capacity_needed: float32 scalar, the smallest capacity
   fraction that would have held every routed row (0 without a hard gate).
   """
 
@@ -57,55 +57,19 @@ class TGNLM(nnx.Module):
     if not isinstance(config, TGNConfig):
       raise TypeError(f"config must be a TGNConfig, got {type(config).__name__}")
     self.config = config
-    self.embed = nnx.Embed(
-      config.vocab_size,
-      config.d_model,
-      dtype=config.compute_dtype,
-      param_dtype=config.weight_dtype,
-      rngs=rngs,
-      embedding_init=nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model)),
-    )
+    self.embed = _embedding(config, config.vocab_size, rngs)
     self.positions = nnx.data(None)
     if config.learned_positions:
-      self.positions = nnx.Embed(
-        config.max_seq_len,
-        config.d_model,
-        dtype=config.compute_dtype,
-        param_dtype=config.weight_dtype,
-        rngs=rngs,
-        embedding_init=nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model)),
-      )
+      self.positions = _embedding(config, config.max_seq_len, rngs)
     self.blocks = _stacked_blocks(config, rngs.params())
     self.final_norm = rms_norm(config, rngs=rngs)
 
-  def __call__(
-    self,
-    tokens_BT: jax.Array,
-    *,
-    rng: Optional[jax.Array] = None,
-    stats: StatsMode = "mean",
-    capacity: Optional[float] = None,
-    open_LBT: Optional[jax.Array] = None,
-  ) -> tuple[jax.Array, ModelAux]:
-    """Logits float32 [B, T, V] and ModelAux.
-
-    rng: training randomness (Bernoulli gate sampling, exploration of closed gates);
-      None runs deterministically (threshold gate, no exploration).
-    stats: "mean" (per-layer means of the attention observables), "token" (also
-      the per-token values) or None (skip their extra pass).
-    capacity: the hard gate's routing capacity, a fraction of each segment (static).
-      None: called eagerly, the smallest of config.capacity_buckets that holds the
-      tokens, found by a CapacityLadder kept per input shape (a call that overflows is
-      redone, so no token is ever left out); under a transformation (jit, grad, vmap),
-      1.0. An explicit fraction below 1 is the caller's promise to check aux.overflow.
-    open_LBT: bool [L, B, T], a given hard-gate decision per layer in place of the
-      learned one (reference gates for ablations); None: the learned gate.
-    """
+  def __call__(self, tokens_BT: jax.Array, **options) -> tuple[jax.Array, ModelAux]:
+    """Logits float32 [B, T, V] and ModelAux: `functional.apply` on this module's
+    parameters, with its options (rng, stats, capacity, open_LBT)."""
     from tgn_jax import functional  # the one pure entry point (it is built on this module)
 
-    return functional.apply(
-      *nnx.split(self), tokens_BT, rng=rng, stats=stats, capacity=capacity, open_LBT=open_LBT
-    )
+    return functional.apply(*nnx.split(self), tokens_BT, **options)
 
   def _forward(
     self,
@@ -336,7 +300,7 @@ _LADDERS: dict = {}
 
 def _run_exact(run, capacity: Optional[float], cfg: TGNConfig, ladder_key, *, traced: bool):
   """run(capacity) -> (..., aux, ...) with aux the second output; returns run's outputs
-  at a capacity that left no token out (see TGNLM.__call__)."""
+  at a capacity that left no token out (see functional.apply)."""
   if capacity is not None:
     if (
       isinstance(capacity, bool)
@@ -446,6 +410,19 @@ def _cast_matrices(block_state, dtype):
   return jax.tree.map(
     lambda p: p.astype(dtype) if p.ndim >= 3 and jnp.issubdtype(p.dtype, jnp.floating) else p,
     block_state,
+  )
+
+
+def _embedding(config: TGNConfig, rows: int, rngs: nnx.Rngs) -> nnx.Embed:
+  """A [rows, D] embedding table, initialised at 1/sqrt(D)."""
+  init = nnx.initializers.normal(stddev=1.0 / math.sqrt(config.d_model))
+  return nnx.Embed(
+    rows,
+    config.d_model,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    rngs=rngs,
+    embedding_init=init,
   )
 
 

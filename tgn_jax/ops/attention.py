@@ -358,25 +358,7 @@ def _check_qkv(q, k, v):
     chex.assert_type(
       x, float, custom_message=f"{name} must be floating point", exception_type=TypeError
     )
-  chex.assert_equal_shape(
-    [k, v], custom_message="k and v must have the same shape", exception_type=ValueError
-  )
-  chex.assert_trees_all_equal_dtypes(
-    q, k, v, custom_message="q, k and v must share a dtype", exception_type=TypeError
-  )
-  batch, _, n_heads, head_dim = q.shape
-  chex.assert_shape(
-    k,
-    (batch, None, None, head_dim),
-    exception_type=ValueError,
-    custom_message="q and k must have the same batch size and the same head_dim",
-  )
-  chex.assert_is_divisible(
-    n_heads,
-    k.shape[2],
-    exception_type=ValueError,
-    custom_message="q heads must be a multiple of k/v heads",
-  )
+  flash.check_qkv(q, k, v)
   return q.shape
 
 

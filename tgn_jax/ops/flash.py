@@ -112,28 +112,35 @@ def flash_attention(
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
-def _check_arguments(q, k, v, q_pos, kv_pos) -> None:
-  layout = "flash_attention: q, k and v must be [B, T, heads, head_dim]"
-  chex.assert_rank([q, k, v], 4, custom_message=layout, exception_type=ValueError)
+def check_qkv(q, k, v, prefix: str = "") -> None:
+  """q [B, Tq, N, H], k and v [B, Tk, K, H] of one shape with q's B and H, N a multiple of K,
+  one dtype; ValueError or TypeError naming the problem (after `prefix`)."""
   chex.assert_equal_shape(
-    [k, v], custom_message="flash_attention: k and v must have one shape", exception_type=ValueError
+    [k, v], custom_message=f"{prefix}k and v must have the same shape", exception_type=ValueError
   )
-  batch, q_len, n_heads, head_dim = q.shape
+  batch, _, n_heads, head_dim = q.shape
   chex.assert_shape(
     k,
     (batch, None, None, head_dim),
     exception_type=ValueError,
-    custom_message="flash_attention: k must be [B, Tk, K, H] with q's B and H",
+    custom_message=f"{prefix}k must be [B, Tk, K, H] with the same batch size and the same head_dim as q",
   )
   chex.assert_is_divisible(
     n_heads,
     k.shape[2],
     exception_type=ValueError,
-    custom_message="flash_attention: q heads must be a multiple of k heads",
+    custom_message=f"{prefix}q heads must be a multiple of k/v heads",
   )
   chex.assert_trees_all_equal_dtypes(
-    q, k, v, exception_type=TypeError, custom_message="flash_attention: q, k, v must share a dtype"
+    q, k, v, exception_type=TypeError, custom_message=f"{prefix}q, k and v must share a dtype"
   )
+
+
+def _check_arguments(q, k, v, q_pos, kv_pos) -> None:
+  layout = "flash_attention: q, k and v must be [B, T, heads, head_dim]"
+  chex.assert_rank([q, k, v], 4, custom_message=layout, exception_type=ValueError)
+  check_qkv(q, k, v, prefix="flash_attention: ")
+  batch, q_len = q.shape[:2]
   chex.assert_shape(
     q_pos,
     (batch, q_len),

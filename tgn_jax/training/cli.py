@@ -196,7 +196,8 @@ def format_summary(s: dict[str, Any]) -> str:
     parts.append(f"eval {final['eval_bpb']:.4f} bits/byte")
   if s.get("open_rate") is not None:
     parts.append(f"open-gate rate {s['open_rate']:.3f}")
-  if final.get("open_rate_scored") and final.get("open_rate_unscored") is not None:
+  gated = s["model_config"]["mixer"] == "tgn" and s["task"] == "mqar"
+  if gated and final.get("open_rate_scored") and final.get("open_rate_unscored") is not None:
     scored, unscored = final["open_rate_scored"], final["open_rate_unscored"]
     layers = len(scored)
     parts.append(

@@ -322,13 +322,7 @@ PRESETS: dict[str, dict[str, Any]] = {
       learned_positions=True,
     ),
     "optimizer": dict(
-      lr=1e-3,
-      weight_decay=1.0,
-      b1=0.9,
-      b2=0.98,
-      clip_norm=None,
-      warmup_steps=10,
-      min_lr_ratio=1.0,
+      lr=1e-3, weight_decay=1.0, b1=0.9, b2=0.98, clip_norm=None, warmup_steps=10, min_lr_ratio=1.0
     ),
     "thermostat": dict(target_rate=None),
     "run": dict(steps=20000, eval_every=100, checkpoint_every=1000, log_every=50),
