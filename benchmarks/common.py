@@ -90,7 +90,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def write_results(name: str, results: dict[str, Any], out: str | None) -> Path:
-  from tgn_jax.training.rundir import write_json
+  from tgn_jax.jsonio import write_json
 
   path = Path(out) if out else RESULTS_DIR / f"{name}.json"
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,7 @@ def test_sparse_equals_dense_logits_and_gradients(bias, training, kv):
   exactly the capacity), sparse execution equals dense; one slot less overflows and says so."""
   kw = dict(
     gate="hard",
+    gate_input="recurrence",  # the open rates the cases below were chosen for
     gate_bias_init=bias,
     exploration=0.5 if training else 0.0,
     exploration_floor=0.25,
@@ -442,8 +443,8 @@ def test_count_params_matches_module_sizes():
   block_common = 2 * d + 2 * d * mlp  # two norms + MLP (no biases)
   expected_transformer = vocab * d + d + n_layers * (block_common + attention)
   assert count_params(config(mixer="attention")) == expected_transformer
-  gate = (
-    d * (d // 4 if d // 4 >= 8 else 8)
+  gate = (  # gate_input="both": the block's input beside the recurrence's output, 2 * d
+    2 * d * (d // 4 if d // 4 >= 8 else 8)
     + (d // 4 if d // 4 >= 8 else 8)
     + (8 if d // 4 < 8 else d // 4)
     + 1

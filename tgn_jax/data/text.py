@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tgn_jax.data.batch import Batch, DataError, batch_rows, row_rng
+from tgn_jax.jsonio import write_json
 
 _FORMAT = 1
 _CHUNK_BYTES = 1 << 20
@@ -180,10 +181,7 @@ def _build_cache(
     "num_files": {"train": len(train_files), "val": len(val_files), "skipped_binary": num_binary},
     "files": {"train": [rel for _, rel in train_files], "val": [rel for _, rel in val_files]},
   }
-  fd, tmp_manifest = tempfile.mkstemp(dir=cache_dir, prefix=".manifest.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp_manifest, cache_dir / _MANIFEST)
+  write_json(cache_dir / _MANIFEST, manifest)
   return manifest
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from tgn_jax import jsonio
 from tgn_jax.config import TGNConfig
 from tgn_jax.nn.model import capacity_ladder, count_params
 from tgn_jax.training import rundir, sharding
@@ -184,7 +185,7 @@ def train(
     if primary:
       run.truncate_metrics(start)
   elif primary:
-    rundir.write_json(run.config, config.to_dict())
+    jsonio.write_json(run.config, config.to_dict())
 
   phases = _build_phases(config, model_config, model_def, optimizer, mesh, shardings)
   ladder = capacity_ladder(
@@ -313,7 +314,7 @@ def train(
     "params_per_device": _params_per_device(state.params),
   }
   if primary:
-    rundir.write_json(run.summary, summary)
+    jsonio.write_json(run.summary, summary)
     if settings.plots:
       _plot(run, log)
   return summary

@@ -23,7 +23,7 @@ def _as_float(value: Any) -> float:
 
 def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """(train records, eval records) from a jsonl file; lines that do not parse are skipped."""
-  from tgn_jax.training.rundir import read_jsonl
+  from tgn_jax.jsonio import read_jsonl
 
   train: list[dict[str, Any]] = []
   evals: list[dict[str, Any]] = []

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from tgn_jax.jsonio import append_jsonl, read_jsonl, write_text_atomic
 from tgn_jax.training.config import OPTIONS, ConfigError, flatten, nest
 from tgn_jax.training.sharding import any_process, barrier
 
@@ -86,7 +85,7 @@ class RunDir:
     if not self.metrics.exists():
       return
     kept = [r for r in read_jsonl(self.metrics) if r.get("step", 0) <= last_step]
-    _write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def check_resume_changes(stored: dict[str, Any], requested: dict[str, Any]) -> None:
@@ -116,40 +115,6 @@ def check_new_or_resumable(run: RunDir, resume: bool) -> None:
       f"--out {run.path} already holds a run; pass --resume to continue it or choose another --out"
     )
   run.check_writable()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-  """The records of a JSONL file (none if it does not exist); lines that do not parse (a
-  record cut short by a crash) are skipped."""
-  records = []
-  if not Path(path).exists():
-    return records
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.read().splitlines()
-  for line in lines:
-    try:
-      record = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(record, dict):
-      records.append(record)
-  return records
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(jsonable(record)) + "\n")
-
-
-def write_json(path: Path, data: Any) -> None:
-  """Writes JSON atomically (a reader never sees half a file); NaN/inf become null."""
-  _write_atomic(Path(path), json.dumps(jsonable(data), indent=1) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -293,15 +258,3 @@ def _save_failure(manager, step: Optional[int], error: Exception) -> str:
     f"could not save {what} in {manager.directory}: {type(error).__name__}: {reason}; "
     f"checkpoints intact: {intact or 'none'}"
   )
-
-
-def jsonable(value):
-  if isinstance(value, float):
-    return value if math.isfinite(value) else None
-  if isinstance(value, dict):
-    return {k: jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [jsonable(v) for v in value]
-  if isinstance(value, (np.ndarray, np.floating, np.integer, np.bool_)):
-    return jsonable(value.tolist())
-  return value
