@@ -32,6 +32,12 @@ def init(config: TGNConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(TGNLM(config, rngs=nnx.Rngs(key)))
 
 
+def model_def(config: TGNConfig) -> nnx.GraphDef:
+  """The static structure of a TGNLM (what init returns first), without initialising its
+  parameters."""
+  return nnx.graphdef(nnx.eval_shape(lambda: TGNLM(config, rngs=nnx.Rngs(0))))
+
+
 def apply(
   model_def: nnx.GraphDef,
   params: nnx.State,

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from tgn_jax import jsonio
+from tgn_jax import functional, jsonio
 from tgn_jax.config import TGNConfig
 from tgn_jax.nn.model import capacity_ladder, count_params
 from tgn_jax.training import rundir, sharding
@@ -82,7 +82,7 @@ def _build_phases(
   soft_steps = config.soft_warmup_steps
   if soft_steps:
     soft_config = model_config.replace(gate="soft", attention_execution=None, kv="all")
-    soft_def = train_steps.model_def_for(soft_config)
+    soft_def = functional.model_def(soft_config)
     step_fns["soft"] = train_steps.make_train_step(
       soft_def, soft_config, optimizer, mesh, shardings
     )

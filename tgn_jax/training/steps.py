@@ -19,12 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
 from tgn_jax import functional
 from tgn_jax.config import TGNConfig
-from tgn_jax.nn.model import TGNLM
 from tgn_jax.ops import gate as gate_ops
 from tgn_jax.ops.gate import CapacityLadder
 from tgn_jax.training import sharding
@@ -131,7 +129,7 @@ def init_state(
   On a mesh the state is created sharded (sharding.state_shardings): no device ever
   holds all of the parameters.
   """
-  model_def = model_def_for(model_config)
+  model_def = functional.model_def(model_config)
 
   def create() -> TrainState:
     _, params = functional.init(model_config, jax.random.key(c.run.seed))
@@ -153,11 +151,6 @@ def init_state(
 def accumulate(total, value):
   """Elementwise sum of two pytrees of metrics (compiled once, not op by op)."""
   return jax.tree.map(jnp.add, total, value)
-
-
-def model_def_for(model_config: TGNConfig):
-  """The static structure (nnx.GraphDef) of a model, without initialising parameters."""
-  return nnx.graphdef(nnx.eval_shape(lambda: TGNLM(model_config, rngs=nnx.Rngs(0))))
 
 
 def routing_needs(recent) -> jax.Array:
