@@ -119,7 +119,7 @@ def default_out(task: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   from tgn_jax.training import sharding
   from tgn_jax.training.loop import CheckpointError, NonFiniteError, prepare, train
-  from tgn_jax.training.rundir import RunDir, check_resume_changes
+  from tgn_jax.training.rundir import RunDir, check_new_or_resumable, check_resume_changes
 
   explicit = vars(build_parser().parse_args(argv))
   config_file = explicit.pop("config", None)
@@ -129,8 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if "run.out" not in explicit:
         raise ConfigError("--resume needs --out: the run directory to continue")
       run_dir = RunDir(explicit["run.out"])
-      if not run_dir.config.exists():
-        raise ConfigError(f"--resume: no checkpoint to resume in {run_dir.path}")
+      check_new_or_resumable(run_dir, resume=True)
       stored = run_dir.stored_config()
       check_resume_changes(stored, {**from_file, **explicit})
       config = resolve(explicit, config_file, base=stored)
