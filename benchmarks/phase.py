@@ -56,7 +56,8 @@ def main(argv=None):
     rows.append(_row(lam, summary, thermostat=False))
     print(rows[-1], flush=True)
   thermo = common.train_run(
-    {**base, "target_rate": args.target_rate}, runs_dir / f"thermostat{args.target_rate:g}"
+    {**base, "target_rate": args.target_rate, "control": "lambda"},
+    runs_dir / f"thermostat{args.target_rate:g}",
   )
   thermo_row = _row(thermo["lam"], thermo, thermostat=True)
   print(thermo_row, flush=True)

@@ -12,6 +12,7 @@ import functools
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -47,6 +48,7 @@ def apply(
   stats: StatsMode = "mean",
   capacity: Optional[float] = None,
   open_LBT: Optional[jax.Array] = None,
+  gate_temperature=None,
 ) -> tuple[jax.Array, ModelAux]:
   """Runs the model: logits float32 [B, T, V] and ModelAux. `TGNLM.__call__` is this.
 
@@ -62,6 +64,8 @@ def apply(
     larger one when it is set (tgn_jax.ops.CapacityLadder does the choice).
   open_LBT: bool [L, B, T], a given hard-gate decision per layer in place of the learned
     one (reference gates for ablations: see tgn_jax.ops.gate.oracle_gate, random_gate).
+  gate_temperature: the soft gate's sigmoid temperature (float or traced scalar; None: 1),
+    g = sigmoid(logit / temperature): the hardening schedule anneals it towards 0.
   """
   _check_params(model_def, params)
   config = _config_of(model_def)
@@ -78,7 +82,12 @@ def apply(
         f"needs gate='hard'; got shape {tuple(open_LBT.shape)}, gate "
         f"{config.gate!r}"
       )
-  run = lambda c: _apply(model_def, params, tokens_BT, rng, stats, c, open_LBT)
+  if gate_temperature is None:
+    gate_temperature = 1.0
+  elif not _is_traced(gate_temperature) and not float(gate_temperature) > 0:
+    raise ValueError(f"gate_temperature must be positive, got {gate_temperature!r}")
+  temperature = jnp.float32(gate_temperature)
+  run = lambda c: _apply(model_def, params, tokens_BT, rng, stats, c, open_LBT, temperature)
   return _run_exact(
     run,
     capacity,
@@ -128,3 +137,22 @@ def _expected_shapes(config: TGNConfig) -> dict[str, tuple[int, ...]]:
     jax.tree_util.keystr(path): tuple(x.shape)
     for path, x in jax.tree_util.tree_leaves_with_path(abstract)
   }
+
+
+# Where the moving-quantile control's per-layer offsets sit in a TGNLM's parameters.
+_GATE_OFFSET_PATH = ("blocks", "gate_head", "offset")
+
+
+def gate_offsets(params: nnx.State) -> jax.Array:
+  """The gate-logit offsets (layers.GateOffset) of a TGNLM's parameters, float32 [L]."""
+  return params["blocks"]["gate_head"]["offset"][...]
+
+
+def with_gate_offsets(params: nnx.State, offsets_L: jax.Array) -> nnx.State:
+  """params with the gate-logit offsets replaced by offsets_L (float32 [L]); pure."""
+
+  def put(path, leaf):
+    keys = tuple(getattr(k, "key", None) for k in path[: len(_GATE_OFFSET_PATH)])
+    return jnp.asarray(offsets_L, leaf.dtype) if keys == _GATE_OFFSET_PATH else leaf
+
+  return jax.tree_util.tree_map_with_path(put, params)

@@ -41,7 +41,8 @@ def resolve_mix(config: TGNConfig) -> str:
 class LayerAux(NamedTuple):
   """What one layer reports, each [B, T] (stats [B, T, N], NaN where not computed)."""
 
-  gate_prob: jax.Array  # float32 open probability sigmoid(MLP(r))
+  gate_logit: jax.Array  # float32 gate logit MLP(input) - offset (0 without a gate)
+  gate_prob: jax.Array  # float32 open probability sigmoid(logit) (soft: sigmoid(logit / temp))
   gate: jax.Array  # float32 gate value applied in the mix (0/1 for the hard gate)
   is_open: jax.Array  # bool: the hard decision (soft gate: what hardening would give)
   computed: jax.Array  # bool: attention was computed at this token (open or explored)
@@ -105,6 +106,7 @@ class Block(nnx.Module):
     return_stats: bool = False,
     capacity: float = 1.0,
     open_BT: Optional[jax.Array] = None,
+    gate_temperature=1.0,
   ) -> tuple[jax.Array, LayerAux, Optional[LayerCache]]:
     """One layer over T tokens at positions_BT.
 
@@ -118,6 +120,9 @@ class Block(nnx.Module):
       cannot overflow).
     open_BT: bool [B, T], a given hard-gate decision in place of the learned one (reference
       gates for ablations: oracle, random); no exploration then.
+    gate_temperature: the soft gate's sigmoid temperature, g = sigmoid(logit / temperature)
+      (a float or traced scalar; annealed towards 0, the soft mix approaches the hard one).
+      The hard gate ignores it.
     Returns (x [B, T, D], LayerAux, the updated cache or None).
     """
     h = self.norm_mix(x_BTD)
@@ -125,7 +130,9 @@ class Block(nnx.Module):
     r = state = None
     if self.recurrence is not None:
       r, state = self.recurrence(h, None if cache is None else cache.state)
-    prob, is_open, computed, explored_fraction = self._gate(h, r, key, open_BT)
+    logit, prob, is_open, computed, explored_fraction = self._gate(
+      h, r, key, open_BT, gate_temperature
+    )
     stats, report, a = None, _NO_REPORT, None
     if self.attention is not None:
       keys, cache = self._keys(
@@ -148,6 +155,7 @@ class Block(nnx.Module):
     x = x_BTD + y.astype(x_BTD.dtype)
     x = x + self.mlp(self.norm_mlp(x))
     aux = LayerAux(
+      gate_logit=logit,
       gate_prob=prob,
       gate=gate,
       is_open=is_open,
@@ -222,35 +230,37 @@ class Block(nnx.Module):
       )
     return keys, cache
 
-  def _gate(self, h_BTD, r_BTD, key, open_BT):
-    """(open probability float32 [B, T], open bool [B, T], attention computed bool [B, T],
-    the fraction of closed tokens explored, float32 scalar)."""
+  def _gate(self, h_BTD, r_BTD, key, open_BT, temperature):
+    """(logit and open probability float32 [B, T], open bool [B, T], attention computed
+    bool [B, T], the fraction of closed tokens explored, float32 scalar)."""
     none = jnp.float32(0.0)
     shape = h_BTD.shape[:2]
     if self.mix in ("attention", "recurrence"):
       forced = jnp.full(shape, self.mix == "attention")
-      return forced.astype(jnp.float32), forced, forced, none
+      return jnp.zeros(shape, jnp.float32), forced.astype(jnp.float32), forced, forced, none
     cfg = self.config
     gate_input = (
       r_BTD
       if cfg.gate_input == "recurrence"
       else jnp.concatenate([h_BTD, r_BTD.astype(h_BTD.dtype)], axis=-1)
     )
-    prob = jax.nn.sigmoid(self.gate_head(gate_input))
+    logit = self.gate_head(gate_input)
     if self.mix == "soft":
-      return prob, prob > cfg.gate_threshold, jnp.ones(shape, bool), none
+      prob = jax.nn.sigmoid(logit / temperature)
+      return logit, prob, prob > cfg.gate_threshold, jnp.ones(shape, bool), none
+    prob = jax.nn.sigmoid(logit)
     if open_BT is not None:
       given = jnp.asarray(open_BT, bool)
-      return prob, given, given, none
+      return logit, prob, given, given, none
     sample_key, explore_key = jax.random.split(key) if key is not None else (None, None)
     is_open = gate_ops.hard_gate(
       prob, threshold=cfg.gate_threshold, key=sample_key if cfg.gate_sampling else None
     )
     if explore_key is None or cfg.exploration == 0.0:
-      return prob, is_open, is_open, none
+      return logit, prob, is_open, is_open, none
     fraction = gate_ops.exploration_fraction(is_open, cfg.exploration, cfg.exploration_floor)
     explore = gate_ops.exploration_mask(~is_open, fraction, explore_key)
-    return prob, is_open, is_open | explore, fraction
+    return logit, prob, is_open, is_open | explore, fraction
 
   def _attend(
     self,

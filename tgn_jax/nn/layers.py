@@ -55,11 +55,17 @@ class MLP(nnx.Module):
     return self.down(self.activation(self.up(x_BTD)))
 
 
+class GateOffset(nnx.Variable):
+  """A shift of the gate logit that training sets, not the optimizer: the moving-quantile
+  control's threshold (float32 scalar per layer; 0 under the lambda thermostat)."""
+
+
 class GateHead(nnx.Module):
-  """The gate logit MLP(input_t) of each token, float32 [B, T]; g_t = sigmoid(logit).
+  """The gate logit MLP(input_t) - offset of each token, float32 [B, T]; g_t = sigmoid(logit).
 
   Its input is the recurrence's output r_t (gate_input="recurrence") or [norm(x_t), r_t]
-  ("both"): both are causal, so the gate is.
+  ("both"): both are causal, so the gate is. The offset (GateOffset) carries no gradient;
+  it is the same in training and decoding.
   """
 
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
@@ -73,6 +79,8 @@ class GateHead(nnx.Module):
       use_bias=True,
       bias_init=nnx.initializers.constant(config.gate_bias_init),
     )
+    self.offset = GateOffset(jnp.zeros((), jnp.float32))
 
   def __call__(self, input_BTD: jax.Array) -> jax.Array:
-    return self.out(jax.nn.gelu(self.hidden(input_BTD)))[..., 0].astype(jnp.float32)
+    logit = self.out(jax.nn.gelu(self.hidden(input_BTD)))[..., 0].astype(jnp.float32)
+    return logit - jax.lax.stop_gradient(self.offset[...])

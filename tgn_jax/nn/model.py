@@ -23,7 +23,8 @@ StatsMode = Literal[None, "mean", "token"]
 class ModelAux(NamedTuple):
   """Per-layer gate and attention observables of one forward pass.
 
-  gate_prob, gate: float32 [L, B, T]; is_open: bool [L, B, T], the hard gate's decision
+  gate_logit, gate_prob, gate: float32 [L, B, T] (the logit net of the layer's GateOffset;
+  the soft gate's prob is sigmoid(logit / gate_temperature)); is_open: bool [L, B, T], the hard gate's decision
   (soft gate: what hardening would decide); open_rate, compute_rate: float32 [L] (fraction
   of tokens whose gate is open / whose attention was computed, exploration included);
   stats: ThermoStats of float32 [L] means over heads and the tokens whose attention
@@ -35,6 +36,7 @@ class ModelAux(NamedTuple):
   fraction that would have held every routed row (0 without a hard gate).
   """
 
+  gate_logit: jax.Array
   gate_prob: jax.Array
   gate: jax.Array
   is_open: jax.Array
@@ -81,6 +83,7 @@ class TGNLM(nnx.Module):
     cache: Optional[LayerCache] = None,
     last_logits_only: bool = False,
     open_LBT: Optional[jax.Array] = None,
+    gate_temperature=1.0,
   ):
     """Logits, ModelAux and the stacked caches ([L, ...]; None without `cache`)."""
     cfg = self.config
@@ -100,6 +103,7 @@ class TGNLM(nnx.Module):
         return_stats=stats is not None,
         capacity=capacity,
         open_BT=open_BT,
+        gate_temperature=gate_temperature,
       )
       return x, (aux, layer_cache)
 
@@ -324,9 +328,14 @@ def _run_exact(run, capacity: Optional[float], cfg: TGNConfig, ladder_key, *, tr
 # Jitted entry points: eager calls then hit the compilation cache (keyed on the static
 # model structure); inside a user's jit they are simply inlined.
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _apply(graph_def, state, tokens_BT, rng, stats, capacity, open_LBT=None):
+def _apply(graph_def, state, tokens_BT, rng, stats, capacity, open_LBT=None, gate_temperature=1.0):
   logits, aux, _ = nnx.merge(graph_def, state)._forward(
-    tokens_BT, rng=rng, stats=stats, capacity=capacity, open_LBT=open_LBT
+    tokens_BT,
+    rng=rng,
+    stats=stats,
+    capacity=capacity,
+    open_LBT=open_LBT,
+    gate_temperature=gate_temperature,
   )
   return logits, aux
 
@@ -453,6 +462,7 @@ def _summarize(layer_aux: LayerAux, stats: StatsMode) -> ModelAux:
     if stats == "token":
       token_stats = layer_aux.stats
   return ModelAux(
+    gate_logit=layer_aux.gate_logit,
     gate_prob=layer_aux.gate_prob,
     gate=layer_aux.gate,
     is_open=layer_aux.is_open,

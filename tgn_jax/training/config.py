@@ -83,6 +83,30 @@ class ThermostatConfig:
     "hard gate: steps trained first with the soft gate (dense attention) so that both "
     "channels learn before the gate hardens (default: the lambda warm-up)",
   )
+  control: str = _field(
+    "quantile",
+    "what holds the open rate at target_rate (none: nothing, lambda fixed): lambda (the "
+    "thermostat adjusts lambda) | quantile (the gate thresholds follow a moving quantile of "
+    "the gate logits over past batches; lambda stays fixed)",
+    choices=("lambda", "quantile"),
+  )
+  quantile_rate: float = _field(
+    0.5, "quantile control: each step moves a layer's threshold this fraction of the way"
+  )
+  quantile_scope: str = _field(
+    "model",
+    "quantile control: layer (each layer holds the target rate) | model (one quantile over "
+    "all layers' gates: the mean rate is held, layers may differ)",
+    choices=("layer", "model"),
+  )
+  harden: int = _field(
+    0,
+    "hard gate: steps after the soft warm-up over which the soft gate's sigmoid "
+    "temperature is annealed from 1 to harden_temperature before the gate hardens",
+  )
+  harden_temperature: float = _field(
+    0.05, "the soft gate's sigmoid temperature at the end of the hardening anneal"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,10 +309,11 @@ class TrainConfig:
 
   @property
   def soft_warmup_steps(self) -> int:
+    """Steps trained with the soft gate before it hardens (the anneal included)."""
     if self.model_value("mixer") != "tgn" or self.model_value("gate") != "hard":
       return 0
     warmup = self.thermostat.soft_warmup
-    return self.lam_warmup_steps if warmup is None else warmup
+    return (self.lam_warmup_steps if warmup is None else warmup) + self.thermostat.harden
 
   def replace(self, **dotted: Any) -> "TrainConfig":
     """A copy with fields changed, named by dotted path or flat alias: replace(**{"run.out": x})."""
@@ -469,6 +494,7 @@ def validate(c: TrainConfig) -> None:
     "optimizer.warmup_steps",
     "thermostat.lam_warmup",
     "thermostat.soft_warmup",
+    "thermostat.harden",
   ):
     value = values[path]
     if value is None and path.startswith("thermostat."):
@@ -491,6 +517,17 @@ def validate(c: TrainConfig) -> None:
   target = c.thermostat.target_rate
   if target is not None and (not _finite(target) or not 0 <= target <= 1):
     fail("thermostat.target_rate", f"must be in [0, 1] or none, got {target!r}")
+  if c.thermostat.control not in ("lambda", "quantile"):
+    fail("thermostat.control", f"must be lambda or quantile, got {c.thermostat.control!r}")
+  if c.thermostat.quantile_scope not in ("layer", "model"):
+    fail(
+      "thermostat.quantile_scope", f"must be layer or model, got {c.thermostat.quantile_scope!r}"
+    )
+  if c.thermostat.harden and (c.model_value("mixer") != "tgn" or c.model_value("gate") != "hard"):
+    fail("thermostat.harden", "needs the hard gate (--mixer tgn --gate hard)")
+  for path in ("thermostat.quantile_rate", "thermostat.harden_temperature"):
+    if not _finite(values[path]) or not 0 < values[path] <= 1:
+      fail(path, f"must be in (0, 1], got {values[path]!r}")
   for path in ("task.train_fraction", "task.val_fraction"):
     if not _finite(values[path]) or not 0 < values[path] < 1:
       fail(path, f"must be in (0, 1), got {values[path]!r}")

@@ -69,9 +69,10 @@ def _build_phases(
   reference = train_steps.reference_gate_fn(
     model_config, config.ablation.reference_gate, config.ablation.reference_rates
   )
+  quantile = config.thermostat.quantile_scope if config.thermostat.control == "quantile" else None
   step_fns = {
     gate_mode: train_steps.make_train_step(
-      model_def, model_config, optimizer, mesh, shardings, reference
+      model_def, model_config, optimizer, mesh, shardings, reference, quantile=quantile
     )
   }
   eval_fns = {
@@ -84,7 +85,7 @@ def _build_phases(
     soft_config = model_config.replace(gate="soft", attention_execution=None, kv="all")
     soft_def = functional.model_def(soft_config)
     step_fns["soft"] = train_steps.make_train_step(
-      soft_def, soft_config, optimizer, mesh, shardings
+      soft_def, soft_config, optimizer, mesh, shardings, quantile=quantile
     )
     eval_fns["soft"] = train_steps.make_eval_step(soft_def, soft_config, mesh, shardings.params)
   return _Phases(soft_steps, gate_mode, step_fns, eval_fns)
@@ -149,6 +150,8 @@ class _Metrics:
       record[name] = float(host[name]) / count
     for name in ("lam", "lr"):
       record[name] = float(last[name])
+    if "gate_offset" in last:  # per layer, after the last step
+      record["gate_offset"] = np.asarray(last["gate_offset"]).tolist()
     record["nonfinite_steps"] = int(count - host["finite"])
     record["skipped_total"] = int(last["skipped_total"])
     record["skipped_in_a_row"] = int(last["skipped_in_a_row"])
@@ -221,7 +224,15 @@ def train(
   due = lambda every: step % every == 0 or step == settings.steps
 
   def run_eval() -> dict[str, Any]:
-    result = evaluate(phases.eval_fns[phases.name(step - 1)], state.params, task, step, mesh)
+    last = controls(step - 1)
+    result = evaluate(
+      phases.eval_fns[phases.name(step - 1)],
+      state.params,
+      task,
+      step,
+      mesh,
+      gate_temperature=last.gate_temperature,
+    )
     result["elapsed"] = timing.elapsed
     if primary:
       run.append_metrics(result)
@@ -339,9 +350,11 @@ def _with_routing_needs(state, ladder, shardings):
   return state._replace(routing_needs=jax.device_put(needs, shardings.routing_needs))
 
 
-def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None) -> dict[str, Any]:
+def evaluate(
+  eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None, gate_temperature: float = 1.0
+) -> dict[str, Any]:
   """Aggregates sums over the task's fixed eval sets into one 'eval' record (on a mesh,
-  each process contributes its rows of every batch)."""
+  each process contributes its rows of every batch); the soft gate at gate_temperature."""
   record: dict[str, Any] = {"kind": "eval", "step": step}
   for name, batches in task.eval_sets.items():
     total = None
@@ -350,7 +363,7 @@ def evaluate(eval_fn, params, task: Task, step: int, mesh: Optional[Mesh] = None
         size = len(batch.inputs)
         rows = sharding.process_rows(mesh, size)
         batch = sharding.global_batch(mesh, [x[rows.start : rows.stop] for x in batch], size)
-      sums = eval_fn(params, *batch)
+      sums = eval_fn(params, *batch, np.float32(gate_temperature))
       total = sums if total is None else train_steps.accumulate(total, sums)
     total = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
     prefix = "eval" if name == "eval" else name

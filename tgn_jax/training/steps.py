@@ -5,7 +5,11 @@
 
 The thermostat treats lam as the Lagrange multiplier of the constraint open_rate = target
 and adjusts it by dual ascent in log space (lam *= exp(lam_lr * (rate - target))), so it
-finds the right scale of lam whatever the task's units of U.
+finds the right scale of lam whatever the task's units of U. The quantile control holds
+the rate with the gate thresholds instead: each layer's logit offset moves a fraction
+quantile_rate of the way to the batch's (1 - target) quantile after every step (pooled over
+the layers or per layer), so a step uses the threshold of the batches before it, as decoding
+does; lam stays at its set value.
 
 The compiled step depends only on the model and the optimizer's structure; the learning
 rate, lambda's ramp, the thermostat's settings and the seed arrive as StepControls.
@@ -53,6 +57,8 @@ class StepControls(NamedTuple):
   target_rate: jax.Array  # the thermostat's open-rate target
   lam_lr: jax.Array  # the thermostat's gain
   lam_min: jax.Array  # the thermostat's floor for lambda
+  quantile_rate: jax.Array  # the quantile control's step after this step (0: it rests)
+  gate_temperature: jax.Array  # the soft gate's sigmoid temperature (the hardening anneal)
   key: jax.Array  # the run's key data (uint32); the step's key is fold_in(key, step)
 
 
@@ -86,20 +92,26 @@ def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
     jax.vmap(learning_rate_schedule(c))(jnp.arange(c.run.steps + 1)), np.float32
   )
   warmup = c.lam_warmup_steps
+  harden, hard_from = c.thermostat.harden, c.soft_warmup_steps
+  quantile = c.thermostat.control == "quantile"
   # Raw key data: a host value every process passes alike (a typed key lives on a device).
   key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.run.seed), 1)))
   f32 = np.float32
 
   def controls(step: int) -> StepControls:
     ramp = 1.0 if warmup == 0 else min(max((step - warmup) / warmup, 0.0), 1.0)
-    thermostat = c.thermostat.target_rate is not None and step >= warmup
+    controlled = c.thermostat.target_rate is not None and step >= warmup
+    annealed = min(max(step - (hard_from - harden) + 1, 0), harden) / max(harden, 1)
     return StepControls(
       lr=f32(lr_table[min(step, c.run.steps)]),
       lam_scale=f32(ramp),
-      thermostat=f32(thermostat),
+      thermostat=f32(controlled and not quantile),
       target_rate=f32(c.thermostat.target_rate or 0.0),
       lam_lr=f32(c.thermostat.lam_lr),
       lam_min=f32(c.thermostat.lam_min),
+      quantile_rate=f32(c.thermostat.quantile_rate if controlled and quantile else 0.0),
+      # Geometric from 1 to harden_temperature over the anneal's steps, 1 before it.
+      gate_temperature=f32(c.thermostat.harden_temperature**annealed),
       key=key,
     )
 
@@ -111,6 +123,31 @@ def thermostat(
 ) -> jax.Array:
   """One dual-ascent step (in log space) of lam towards open rate == target."""
   return (jnp.maximum(lam, floor) * jnp.exp(gain * (rate - target))).astype(jnp.float32)
+
+
+def quantile_offsets(
+  offsets_L: jax.Array,
+  logit_LBT: jax.Array,
+  target: jax.Array,
+  rate: jax.Array,
+  threshold: float,
+  temperature: jax.Array,
+  pooled: bool = False,
+) -> jax.Array:
+  """One step of the moving-quantile control: float32 [L] offsets moved `rate` of the way
+  to those that would have opened a fraction `target` of this batch's tokens in each layer
+  (pooled: of the tokens of all layers together, one shift for every layer, so that layers
+  may differ).
+
+  logit_LBT is net of the offsets; a gate opens where sigmoid(logit / temperature) >
+  threshold, i.e. logit > temperature * logit(threshold), so the offset that puts the
+  batch's (1 - target) quantile q of the logits on it is
+  offset + q - temperature * logit(threshold).
+  """
+  logits = logit_LBT.reshape(1 if pooled else logit_LBT.shape[0], -1).astype(jnp.float32)
+  q = jnp.quantile(logits, 1.0 - target, axis=1)
+  shift = q - temperature * jax.scipy.special.logit(threshold)
+  return (offsets_L + rate * shift).astype(jnp.float32)
 
 
 def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
@@ -195,6 +232,7 @@ def make_train_step(
   mesh: Optional[Mesh] = None,
   state_shardings: Any = None,
   reference_gate: Callable = None,
+  quantile: Optional[str] = None,
 ):
   """Returns a jitted step(state, controls, inputs, targets, mask, capacity) -> (state, metrics).
 
@@ -206,10 +244,13 @@ def make_train_step(
   returned state is the input state): redo the batch at a larger capacity (the training
   loop's CapacityLadder does). metrics["capacity_needed"] is the capacity that fits.
   reference_gate: from reference_gate_fn, a given gate in place of the learned one.
+  quantile: "layer" or "model": the step also moves the gate offsets by the quantile
+  control, per layer or pooled over the layers (at controls.quantile_rate; 0 leaves them).
   """
   reference_gate = reference_gate or reference_gate_fn(model_config, None, None)
   gated = model_config.has_gate
   routed = routes(model_config)
+  soft = model_config.gate == "soft"
 
   def step_fn(state: TrainState, controls: StepControls, inputs, targets, mask, capacity):
     key = jax.random.fold_in(jax.random.wrap_key_data(controls.key), state.step)
@@ -224,6 +265,7 @@ def make_train_step(
         stats=None,
         capacity=capacity,
         open_LBT=reference_gate(mask, key),
+        gate_temperature=controls.gate_temperature,
       )
       ce, accuracy = masked_cross_entropy(logits, targets, mask)
       gate = jnp.mean(aux.gate_prob)
@@ -236,14 +278,30 @@ def make_train_step(
         compute_rate=jnp.mean(aux.compute_rate),
         overflow=aux.overflow.astype(jnp.float32),
         capacity_needed=aux.capacity_needed,
+        gate_logit=aux.gate_logit,
       )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    gate_logit = metrics.pop("gate_logit")
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: -controls.lr * u, updates)  # AdamW's learning-rate step
     params = optax.apply_updates(state.params, updates)
     new_lam = state.lam
     if gated:
+      # The offsets are not the optimizer's (no gradient; any update it made is replaced).
+      offsets = functional.gate_offsets(state.params)
+      if quantile:
+        offsets = quantile_offsets(
+          offsets,
+          gate_logit,
+          controls.target_rate,
+          controls.quantile_rate,
+          model_config.gate_threshold,
+          controls.gate_temperature if soft else jnp.float32(1.0),
+          pooled=quantile == "model",
+        )
+      params = functional.with_gate_offsets(params, offsets)
+      metrics["gate_offset"] = offsets
       new_lam = jnp.where(
         controls.thermostat > 0,
         thermostat(
@@ -315,19 +373,25 @@ def make_eval_step(
   params_shardings: Any = None,
   reference_gate: Callable = None,
 ):
-  """Returns a jitted eval(params, inputs, targets, mask) -> dict of sums over the batch
-  (on a mesh: the batch split over (data, fsdp), the sums replicated).
+  """Returns a jitted eval(params, inputs, targets, mask, gate_temperature=1.0) -> dict of
+  sums over the batch (on a mesh: the batch split over (data, fsdp), the sums replicated).
 
   Sums (not means) so batches aggregate exactly: ce, correct, count; per layer the open
   gates at scored / unscored positions and the attention observables over open tokens.
   """
 
-  def eval_fn(params, inputs, targets, mask):
+  def eval_fn(params, inputs, targets, mask, gate_temperature=1.0):
     open_LBT = (reference_gate or reference_gate_fn(model_config, None, None))(
       mask, jax.random.key(0)
     )
     logits, aux = functional.apply(
-      model_def, params, inputs, stats="token", capacity=1.0, open_LBT=open_LBT
+      model_def,
+      params,
+      inputs,
+      stats="token",
+      capacity=1.0,
+      open_LBT=open_LBT,
+      gate_temperature=gate_temperature,
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
@@ -361,6 +425,6 @@ def make_eval_step(
   batch = sharding.batch_sharding(mesh)
   return jax.jit(
     eval_fn,
-    in_shardings=(params_shardings, batch, batch, batch),
+    in_shardings=(params_shardings, batch, batch, batch, sharding.replicated(mesh)),
     out_shardings=sharding.replicated(mesh),
   )

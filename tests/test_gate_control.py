@@ -1,0 +1,260 @@
+"""Holding the open rate and hardening the gate: the moving-quantile threshold (per-layer
+gate offsets that training sets and decoding reads alike) and the anneal of the soft gate's
+sigmoid temperature."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from reference import SEQ, VOCAB, tiny_config
+
+from tgn_jax import TGNLM, functional
+from tgn_jax.training import steps as train_steps
+from tgn_jax.training.config import ConfigError, from_dict
+from tgn_jax.training.steps import quantile_offsets
+
+
+def tokens(seed, batch=3, seq_len=SEQ):
+  return jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, VOCAB)
+
+
+def opened(logit_LBT, shift_L, threshold=0.5, temperature=1.0):
+  """The open rate per layer once the offsets move by shift_L."""
+  prob = jax.nn.sigmoid((logit_LBT - shift_L[:, None, None]) / temperature)
+  return np.asarray(jnp.mean(prob > threshold, axis=(1, 2)))
+
+
+# ------------------------------------------------------------------------ quantile offsets
+
+
+@pytest.mark.parametrize("threshold, temperature", [(0.5, 1.0), (0.7, 1.0), (0.3, 0.1)])
+def test_quantile_offsets_open_the_target_fraction_of_the_batch(threshold, temperature):
+  """At rate 1 the new offsets open exactly `target` of the batch's tokens in every layer
+  (each layer at its own scale); rate r moves them r of the way; rate 0 leaves them."""
+  key = jax.random.key(0)
+  scale = jnp.array([1.0, 5.0, 0.2])[:, None, None]
+  logit = jax.random.normal(key, (3, 8, 128)) * scale + jnp.array([0.0, 3.0, -2.0])[:, None, None]
+  offsets = jnp.array([0.5, -1.0, 2.0])
+  f32 = jnp.float32
+  for target in (0.1, 0.25, 0.6):
+    new = quantile_offsets(offsets, logit, f32(target), f32(1.0), threshold, f32(temperature))
+    np.testing.assert_allclose(
+      opened(logit, new - offsets, threshold, temperature), target, atol=1.5 / 1024
+    )
+    half = quantile_offsets(offsets, logit, f32(target), f32(0.5), threshold, f32(temperature))
+    np.testing.assert_allclose(half - offsets, (new - offsets) / 2, rtol=1e-5, atol=1e-6)
+    rest = quantile_offsets(offsets, logit, f32(target), f32(0.0), threshold, f32(temperature))
+    np.testing.assert_array_equal(rest, offsets)
+
+
+def test_pooled_quantile_holds_the_mean_rate_and_lets_layers_differ():
+  """Pooled over the layers: one shift for all, the mean open rate is the target while a
+  layer whose logits sit higher stays more open."""
+  logit = jax.random.normal(jax.random.key(1), (2, 8, 128)) + jnp.array([-1.0, 1.0])[:, None, None]
+  f32 = jnp.float32
+  offsets = jnp.zeros(2)
+  new = quantile_offsets(offsets, logit, f32(0.25), f32(1.0), 0.5, f32(1.0), pooled=True)
+  assert float(new[0]) == float(new[1])
+  rates = opened(logit, new)
+  np.testing.assert_allclose(rates.mean(), 0.25, atol=1.5 / 1024)
+  assert rates[1] > 0.4 > 0.1 > rates[0]
+
+
+def test_offsets_shift_the_decision_and_carry_no_gradient():
+  """A layer's offset is subtracted from its gate logits (a large one closes the layer, a
+  very negative one opens it), and the loss has no gradient in it."""
+  model_def, params = functional.init(tiny_config(gate="hard"), jax.random.key(0))
+  toks = tokens(1)
+  _, aux = functional.apply(model_def, params, toks, stats=None, capacity=1.0)
+  shifted = functional.with_gate_offsets(params, jnp.array([100.0, -100.0]))
+  np.testing.assert_array_equal(functional.gate_offsets(shifted), [100.0, -100.0])
+  np.testing.assert_array_equal(functional.gate_offsets(params), [0.0, 0.0])  # pure
+  _, aux_s = functional.apply(model_def, shifted, toks, stats=None, capacity=1.0)
+  # Layer 1 sees the same input (layer 2's differs: layer 1 now mixes no attention).
+  np.testing.assert_allclose(aux_s.gate_logit[0], aux.gate_logit[0] - 100.0, rtol=1e-6, atol=1e-4)
+  np.testing.assert_array_equal(aux_s.open_rate, [0.0, 1.0])
+
+  def loss(p):
+    logits, aux = functional.apply(
+      model_def, p, toks, stats=None, capacity=1.0, rng=jax.random.key(2)
+    )
+    return jnp.mean(logits**2) + jnp.mean(aux.gate_prob)
+
+  grads = jax.grad(loss)(params)
+  np.testing.assert_array_equal(functional.gate_offsets(grads), 0.0)
+  assert float(jnp.max(jnp.abs(grads["blocks"]["gate_head"]["out"]["bias"][...]))) > 0
+
+
+def train_config(**dotted):
+  base = {"run.steps": 40, "thermostat.lam_warmup": 0, "optimizer.warmup_steps": 0}
+  return from_dict({}).replace(**{**base, **dotted})
+
+
+def run_steps(c, steps, lr=None, quantile=None):
+  """`steps` train steps of a tiny hard-gate model on random batches; returns the states'
+  gate offsets after each step and the last state."""
+  model_config = tiny_config(gate="hard")
+  optimizer = train_steps.make_optimizer(c)
+  model_def, state, _ = train_steps.init_state(model_config, c, optimizer)
+  if quantile is None and c.thermostat.control == "quantile":
+    quantile = c.thermostat.quantile_scope
+  step = train_steps.make_train_step(model_def, model_config, optimizer, quantile=quantile)
+  controls = train_steps.make_controls(c)
+  rng = np.random.default_rng(0)
+  offsets = []
+  for i in range(steps):
+    batch = jnp.asarray(rng.integers(0, VOCAB, (16, SEQ)), jnp.int32)
+    control = controls(i)
+    if lr is not None:
+      control = control._replace(lr=np.float32(lr))
+    state, metrics = step(state, control, batch, batch, jnp.ones((16, SEQ)), 1.0)
+    offsets.append(np.asarray(functional.gate_offsets(state.params)))
+  return offsets, state, model_def
+
+
+def test_quantile_control_holds_each_layer_at_the_target_on_the_next_batch():
+  """With the weights frozen (learning rate 0) the threshold set from one batch opens the
+  target fraction of the next batch's tokens in every layer: a causal, per-layer control."""
+  target = 0.3
+  c = train_config(
+    **{
+      "thermostat.control": "quantile",
+      "thermostat.quantile_rate": 1.0,
+      "thermostat.quantile_scope": "layer",
+      "thermostat.target_rate": target,
+    }
+  )
+  offsets, state, model_def = run_steps(c, 3, lr=0.0)
+  assert not np.allclose(offsets[0], 0.0)
+  fresh = tokens(5, batch=64)
+  _, aux = functional.apply(model_def, state.params, fresh, stats=None, capacity=1.0)
+  np.testing.assert_allclose(aux.open_rate, target, atol=0.05)
+
+
+def test_lambda_control_leaves_the_offsets_at_zero_and_quantile_waits_for_its_warmup():
+  """Under the thermostat the optimizer (Adam, weight decay) never moves the offsets; the
+  quantile control does not act before lambda's warm-up ends."""
+  c = train_config(
+    **{
+      "optimizer.weight_decay": 1.0,
+      "thermostat.control": "lambda",
+      "thermostat.target_rate": 0.0,
+      "thermostat.lam_lr": 0.5,
+    }
+  )
+  offsets, state, _ = run_steps(c, 4)
+  np.testing.assert_array_equal(offsets[-1], 0.0)
+  # Every gate it sees is too many: the state's lambda climbs from its floor each step.
+  assert float(state.lam) > 0.01 * np.exp(0.5 * 0.1) ** 3
+  c = train_config(**{"thermostat.control": "quantile", "thermostat.lam_warmup": 3})
+  offsets, _, _ = run_steps(c, 4)
+  np.testing.assert_array_equal(offsets[2], 0.0)  # steps 0, 1, 2: warm-up
+  assert not np.allclose(offsets[3], 0.0)
+
+
+def test_controls_of_quantile_and_of_the_hardening_anneal():
+  """Quantile control: lambda's thermostat is off and the offsets move after the warm-up.
+  Anneal: temperature 1 through the soft warm-up, then geometric down to
+  harden_temperature over `harden` steps (still soft), which the hard phase keeps."""
+  c = train_config(
+    **{
+      "run.steps": 100,
+      "thermostat.lam_warmup": 30,
+      "thermostat.harden": 20,
+      "thermostat.harden_temperature": 0.01,
+      "thermostat.control": "quantile",
+      "thermostat.quantile_rate": 0.3,
+    }
+  )
+  assert c.soft_warmup_steps == 50
+  controls = train_steps.make_controls(c)
+  temps = np.array([float(controls(s).gate_temperature) for s in range(100)])
+  np.testing.assert_array_equal(temps[:30], 1.0)
+  np.testing.assert_allclose(temps[30:50], 0.01 ** (np.arange(1, 21) / 20), rtol=1e-5)
+  np.testing.assert_allclose(temps[50:], 0.01, rtol=1e-6)
+  assert all(float(controls(s).thermostat) == 0.0 for s in range(100))
+  np.testing.assert_array_equal([float(controls(s).quantile_rate) for s in (0, 29)], 0.0)
+  np.testing.assert_allclose([float(controls(s).quantile_rate) for s in (30, 99)], 0.3)
+  plain = train_steps.make_controls(
+    train_config(**{"run.steps": 100, "thermostat.control": "lambda"})
+  )
+  assert float(plain(50).thermostat) == 1.0 and float(plain(50).quantile_rate) == 0.0
+  assert float(plain(50).gate_temperature) == 1.0
+  fixed = train_steps.make_controls(
+    train_config(**{"thermostat.control": "quantile", "thermostat.target_rate": None})
+  )
+  assert float(fixed(50).thermostat) == 0.0 and float(fixed(50).quantile_rate) == 0.0
+
+
+# ------------------------------------------------------------------------------- anneal
+
+
+def test_soft_gate_at_a_small_temperature_mixes_as_the_hard_gate():
+  """sigmoid(logit / T): temperature 1 is the plain soft gate, and as T falls the soft
+  mix becomes the hard gate's with the same parameters (what the anneal relies on)."""
+  soft_def, params = functional.init(tiny_config(gate="soft"), jax.random.key(3))
+  hard_def, _ = functional.init(tiny_config(gate="hard"), jax.random.key(3))
+  toks = tokens(2)
+  plain, aux_plain = functional.apply(soft_def, params, toks, stats=None)
+  one, _ = functional.apply(soft_def, params, toks, stats=None, gate_temperature=1.0)
+  np.testing.assert_array_equal(plain, one)
+  hard, aux_h = functional.apply(hard_def, params, toks, stats=None, capacity=1.0)
+  scale = float(jnp.max(jnp.abs(hard)))
+  errors = []
+  for temperature in (1.0, 0.1, 1e-5):
+    soft, aux_s = functional.apply(soft_def, params, toks, stats=None, gate_temperature=temperature)
+    # Threshold 0.5 is logit > 0 at any temperature; layer 2's inputs differ until the mixes
+    # agree.
+    np.testing.assert_array_equal(aux_s.is_open[0], aux_h.is_open[0])
+    np.testing.assert_allclose(
+      aux_s.gate_prob, jax.nn.sigmoid(aux_s.gate_logit / temperature), rtol=1e-5, atol=1e-7
+    )
+    errors.append(float(jnp.max(jnp.abs(soft - hard))))
+  np.testing.assert_array_equal(aux_s.is_open, aux_h.is_open)
+  assert errors[0] > errors[1] > errors[2]
+  assert errors[2] < 1e-4 * scale
+  with pytest.raises(ValueError, match="gate_temperature must be positive"):
+    functional.apply(soft_def, params, toks, gate_temperature=0.0)
+
+
+# -------------------------------------------------------------------------------- decoding
+
+
+def test_decoding_reads_the_offsets_as_the_forward_pass_does():
+  """Offsets that close some tokens in each layer: each decoding step's gate and logits
+  equal the full forward pass's at that position."""
+  model = TGNLM(tiny_config(gate="hard"), rngs=nnx.Rngs(4))
+  prompt_len, new = 6, 10
+  prompt = tokens(7, batch=4, seq_len=prompt_len)
+  _, aux = model(tokens(8, batch=8), stats=None, capacity=1.0)
+  median = jnp.median(aux.gate_logit.reshape(2, -1), axis=1)  # half of the gates closed
+  model.blocks.gate_head.offset[...] = median
+  generated, logits = model.generate(prompt, new, return_logits=True)
+  full, aux = model(generated, stats=None)
+  scale = float(jnp.max(jnp.abs(full)))
+  np.testing.assert_allclose(logits, full[:, prompt_len - 1 : -1], rtol=1e-5, atol=1e-5 * scale)
+  logits_BV, cache = model.prefill(prompt, prompt_len + new)
+  decoded = model.decode(cache, logits_BV, prompt_len, new)
+  is_open = np.asarray(decoded.is_open[:, :, 1:])
+  np.testing.assert_array_equal(is_open, np.asarray(aux.is_open[:, :, prompt_len + 1 :]))
+  assert 0.1 < is_open.mean() < 0.9
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+  "dotted, field",
+  [
+    ({"thermostat.control": "median"}, "thermostat.control"),
+    ({"thermostat.quantile_scope": "head"}, "thermostat.quantile_scope"),
+    ({"thermostat.quantile_rate": 0.0}, "thermostat.quantile_rate"),
+    ({"thermostat.harden_temperature": 1.5}, "thermostat.harden_temperature"),
+    ({"thermostat.harden": -1}, "thermostat.harden"),
+    ({"thermostat.harden": 10, "model.gate": "soft"}, "thermostat.harden"),
+  ],
+)
+def test_bad_control_settings_name_their_field(dotted, field):
+  with pytest.raises(ConfigError, match=field.split(".")[1]):
+    from_dict({}).replace(**dotted)
