@@ -180,7 +180,8 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
 
   A finished run already in `out` is reused, an interrupted one resumed (the run
   directory's policy: options other than the run section's must match), so a long sweep
-  can be stopped and started again.
+  can be stopped and started again. A run stopped by a signal (Ctrl-C, SIGTERM) stops the
+  sweep: SystemExit, after its checkpoint is saved.
   """
   from tgn_jax.training import rundir
   from tgn_jax.training.config import ConfigError, resolve
@@ -199,7 +200,13 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   config = resolve(
     {**options, **quiet, "run.resume": resume}, base=run.stored_config() if resume else None
   )
-  return train(config, *prepare(config))
+  summary = train(config, *prepare(config))
+  if summary["interrupted_by"]:
+    raise SystemExit(
+      f"{out}: interrupted by signal {summary['interrupted_by']} at step "
+      f"{summary['steps_completed']}; the same command resumes the sweep"
+    )
+  return summary
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:

@@ -392,6 +392,20 @@ def test_mqar(tmp_path):
   assert results["env"]["command"] in text
 
 
+def test_a_signal_stops_the_sweep_not_just_its_run(tmp_path, monkeypatch):
+  """A run that a signal stopped ends the benchmark (the next run would otherwise start)."""
+  from tgn_jax.training import loop
+
+  stopped = {"interrupted_by": 2, "steps_completed": 7}
+  monkeypatch.setattr(loop, "prepare", lambda config: (None, None, None))
+  monkeypatch.setattr(loop, "train", lambda config, *rest: stopped)
+  with pytest.raises(SystemExit, match="interrupted by signal 2 at step 7"):
+    common.train_run({"steps": 10}, tmp_path / "run")
+  finished = {"interrupted_by": 0, "steps_completed": 10}
+  monkeypatch.setattr(loop, "train", lambda config, *rest: finished)
+  assert common.train_run({"steps": 10}, tmp_path / "run") is finished
+
+
 def test_grokking(tmp_path):
   results, out = run(grokking, tmp_path, "--runs_dir", str(tmp_path / "runs"))
   (row,) = results["rows"]

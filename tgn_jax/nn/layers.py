@@ -10,13 +10,21 @@ from tgn_jax.config import TGNConfig
 
 
 def linear(
-  config: TGNConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = False, **kwargs
+  config: TGNConfig,
+  d_in: int,
+  d_out: int,
+  *,
+  rngs: nnx.Rngs,
+  use_bias: bool = False,
+  dtype=None,
+  **kwargs,
 ) -> nnx.Linear:
+  """nnx.Linear in the config's compute dtype (or `dtype`) and parameter dtype."""
   return nnx.Linear(
     d_in,
     d_out,
     use_bias=use_bias,
-    dtype=config.compute_dtype,
+    dtype=dtype or config.compute_dtype,
     param_dtype=config.weight_dtype,
     rngs=rngs,
     **kwargs,
@@ -65,22 +73,26 @@ class GateHead(nnx.Module):
 
   Its input is the recurrence's output r_t (gate_input="recurrence") or [norm(x_t), r_t]
   ("both"): both are causal, so the gate is. The offset (GateOffset) carries no gradient;
-  it is the same in training and decoding.
+  it is the same in training and decoding. Computed in float32 whatever the compute dtype:
+  the decision compares logits that can grow large under the quantile control.
   """
 
   def __init__(self, config: TGNConfig, *, rngs: nnx.Rngs):
     width = config.d_model * (2 if config.gate_input == "both" else 1)
-    self.hidden = linear(config, width, config.gate_dim, rngs=rngs, use_bias=True)
+    self.hidden = linear(
+      config, width, config.gate_dim, rngs=rngs, use_bias=True, dtype=jnp.float32
+    )
     self.out = linear(
       config,
       config.gate_dim,
       1,
       rngs=rngs,
       use_bias=True,
+      dtype=jnp.float32,
       bias_init=nnx.initializers.constant(config.gate_bias_init),
     )
     self.offset = GateOffset(jnp.zeros((), jnp.float32))
 
   def __call__(self, input_BTD: jax.Array) -> jax.Array:
-    logit = self.out(jax.nn.gelu(self.hidden(input_BTD)))[..., 0].astype(jnp.float32)
+    logit = self.out(jax.nn.gelu(self.hidden(input_BTD)))[..., 0]
     return logit - jax.lax.stop_gradient(self.offset[...])

@@ -415,11 +415,14 @@ _decode_donating = jax.jit(_decode_steps, static_argnums=(0, 7, 8), donate_argnu
 def _cast_matrices(block_state, dtype):
   """The stacked block weights ([L, in, out] and larger) in the compute dtype, cast once
   per call instead of once per use in every layer; vectors (norms, biases, temperatures)
-  stay as stored."""
-  return jax.tree.map(
-    lambda p: p.astype(dtype) if p.ndim >= 3 and jnp.issubdtype(p.dtype, jnp.floating) else p,
-    block_state,
-  )
+  and the gate head (it decides in float32) stay as stored."""
+
+  def cast(path, p):
+    matrix = p.ndim >= 3 and jnp.issubdtype(p.dtype, jnp.floating)
+    in_gate = any(getattr(k, "key", None) == "gate_head" for k in path)
+    return p.astype(dtype) if matrix and not in_gate else p
+
+  return jax.tree_util.tree_map_with_path(cast, block_state)
 
 
 def _embedding(config: TGNConfig, rows: int, rngs: nnx.Rngs) -> nnx.Embed:
@@ -500,9 +503,12 @@ def _check_tokens(tokens, cfg: TGNConfig, name: str = "tokens") -> None:
 
 
 def count_params(obj) -> int:
-  """Number of parameters of a TGNConfig, a module, or a parameter pytree."""
+  """Number of trained parameters (nnx.Param: not the gate offsets) of a TGNConfig, a
+  module, or a parameter pytree."""
   if isinstance(obj, TGNConfig):
     obj = nnx.eval_shape(lambda: TGNLM(obj, rngs=nnx.Rngs(0)))
   if isinstance(obj, nnx.Module):
     obj = nnx.state(obj, nnx.Param)
+  elif isinstance(obj, nnx.State):
+    obj = obj.filter(nnx.Param)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(obj)))

@@ -204,6 +204,9 @@ def format_summary(s: dict[str, Any]) -> str:
       f"{sum(unscored) / layers:.3f} (oracle overall {final['oracle_open_rate']:.3f})"
     )
   parts.append(f"lambda {s['lam']:.4g}")
+  if s.get("gate_offset") and s["config"]["thermostat"]["control"] == "quantile":
+    offsets = ", ".join(f"{x:.3g}" for x in s["gate_offset"])
+    parts.append(f"gate threshold offsets {offsets}")
   parts.append(f"{s['wall_seconds']:.0f} s")
   if s.get("tokens_per_sec"):
     parts.append(f"{s['tokens_per_sec']:,.0f} tok/s")

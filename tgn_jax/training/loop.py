@@ -454,6 +454,7 @@ def _summary(
     "open_rate": last_train.get("gate_hard"),
     "gate_soft": last_train.get("gate_soft"),
     "lam": lam,
+    "gate_offset": last_train.get("gate_offset"),
     "params": n_params,
     "wall_seconds": timing.elapsed,
     "compile_seconds": timing.compile_seconds,
