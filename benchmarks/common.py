@@ -89,6 +89,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
   return parser
 
 
+def add_control_option(parser: argparse.ArgumentParser) -> None:
+  """--control: what holds the TGN's open rate (train.py's --thermostat.control)."""
+  from tgn_jax.training.config import ThermostatConfig
+
+  parser.add_argument(
+    "--control",
+    choices=("quantile", "lambda"),
+    default=ThermostatConfig.control,
+    help="TGN: the rate held by the gate threshold (quantile) or by lambda's thermostat",
+  )
+
+
+def control_suffix(control: str) -> str:
+  """A run-name suffix for a control other than the default ('' for the default)."""
+  from tgn_jax.training.config import ThermostatConfig
+
+  return "" if control == ThermostatConfig.control else f"_{control}"
+
+
 def write_results(name: str, results: dict[str, Any], out: str | None) -> Path:
   from tgn_jax.jsonio import write_json
 

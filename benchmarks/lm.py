@@ -35,7 +35,8 @@ def main(argv=None):
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--d_model", type=int, default=128)
   parser.add_argument("--n_layers", type=int, default=2)
-  parser.add_argument("--target_rate", type=float, default=0.1, help="TGN thermostat target")
+  parser.add_argument("--target_rate", type=float, default=0.1, help="TGN open-rate target")
+  common.add_control_option(parser)
   parser.add_argument(
     "--reach_bpb",
     type=float,
@@ -65,8 +66,12 @@ def main(argv=None):
       checkpoint_every=max(1, args.steps // 4),
     )
     options.update(models.train_options(model))
-    summary = common.train_run(options, runs_dir / model)
-    evals[model] = common.read_records(runs_dir / model, "eval")
+    name = model
+    if models.MODELS[model].thermostat:
+      options["control"] = args.control
+      name += common.control_suffix(args.control)
+    summary = common.train_run(options, runs_dir / name)
+    evals[model] = common.read_records(runs_dir / name, "eval")
     rows.append(
       dict(
         model=model,

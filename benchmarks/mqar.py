@@ -56,7 +56,8 @@ def main(argv=None):
   models.add_option(parser, models.TRAINED)
   parser.add_argument("--steps", type=int, default=4000)
   parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--target_rate", type=float, default=0.15, help="TGN thermostat target")
+  parser.add_argument("--target_rate", type=float, default=0.15, help="TGN open-rate target")
+  common.add_control_option(parser)
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
   args = parser.parse_args(argv)
@@ -100,7 +101,8 @@ def main(argv=None):
             if models.MODELS[model].thermostat:
               if args.tiny:  # too few steps for a soft warm-up
                 options["soft_warmup"] = 0
-              name += f"_target{args.target_rate:g}"
+              options["control"] = args.control
+              name += f"_target{args.target_rate:g}" + common.control_suffix(args.control)
             if gate is not None:  # the learned gate's rates, at its best learning rate
               options.update(reference_gate=gate, target_rate=None, lam=0.0)
               if gate == "random":
