@@ -102,10 +102,9 @@ def add_control_option(parser: argparse.ArgumentParser) -> None:
 
 
 def control_suffix(control: str) -> str:
-  """A run-name suffix for a control other than the default ('' for the default)."""
-  from tgn_jax.training.config import ThermostatConfig
-
-  return "" if control == ThermostatConfig.control else f"_{control}"
+  """The run-name suffix of a rate control (runs saved before the choice existed, which
+  held the rate by lambda and name none, are never taken for either)."""
+  return f"_{control}"
 
 
 def write_results(name: str, results: dict[str, Any], out: str | None) -> Path:

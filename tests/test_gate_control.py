@@ -91,14 +91,23 @@ def train_config(**dotted):
   return from_dict({}).replace(**{**base, **dotted})
 
 
-def run_steps(c, steps, lr=None, quantile=None):
-  """`steps` train steps of a tiny hard-gate model on random batches; returns the states'
-  gate offsets after each step and the last state."""
-  model_config = tiny_config(gate="hard")
+def run_steps(c, steps, lr=None, start=None, temperature=None, poison=False, **model):
+  """`steps` train steps of a tiny hard-gate model (or `model` overrides) on random
+  batches, from gate offsets `start`; with `poison` the embedding is NaN (every step
+  non-finite). Returns the gate offsets after each step, the last state and the model
+  def."""
+  model_config = tiny_config(**{"gate": "hard", **model})
   optimizer = train_steps.make_optimizer(c)
   model_def, state, _ = train_steps.init_state(model_config, c, optimizer)
-  if quantile is None and c.thermostat.control == "quantile":
-    quantile = c.thermostat.quantile_scope
+  params = state.params
+  if start is not None:
+    params = functional.with_gate_offsets(params, jnp.asarray(start, jnp.float32))
+  if poison:
+    params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * jnp.nan if "embed" in jax.tree_util.keystr(path) else x, params
+    )
+  state = state._replace(params=params)
+  quantile = c.thermostat.quantile_scope if c.thermostat.control == "quantile" else None
   step = train_steps.make_train_step(model_def, model_config, optimizer, quantile=quantile)
   controls = train_steps.make_controls(c)
   rng = np.random.default_rng(0)
@@ -108,6 +117,8 @@ def run_steps(c, steps, lr=None, quantile=None):
     control = controls(i)
     if lr is not None:
       control = control._replace(lr=np.float32(lr))
+    if temperature is not None:
+      control = control._replace(gate_temperature=np.float32(temperature))
     state, metrics = step(state, control, batch, batch, jnp.ones((16, SEQ)), 1.0)
     offsets.append(np.asarray(functional.gate_offsets(state.params)))
   return offsets, state, model_def
@@ -132,7 +143,36 @@ def test_quantile_control_holds_each_layer_at_the_target_on_the_next_batch():
   np.testing.assert_allclose(aux.open_rate, target, atol=0.05)
 
 
-def test_lambda_control_leaves_the_offsets_at_zero_and_quantile_waits_for_its_warmup():
+def test_pooled_control_holds_the_mean_rate_with_one_shift():
+  c = train_config(**{"thermostat.quantile_rate": 1.0, "thermostat.target_rate": 0.3})
+  assert (c.thermostat.control, c.thermostat.quantile_scope) == ("quantile", "model")
+  offsets, state, model_def = run_steps(c, 3, lr=0.0, start=[0.4, -0.2])
+  shift = offsets[-1] - np.array([0.4, -0.2], np.float32)
+  np.testing.assert_allclose(shift[0], shift[1], rtol=1e-5)  # one shift for every layer
+  _, aux = functional.apply(model_def, state.params, tokens(5, batch=64), stats=None, capacity=1.0)
+  np.testing.assert_allclose(np.mean(aux.open_rate), 0.3, atol=0.05)
+
+
+def test_soft_steps_place_the_threshold_at_the_annealed_temperature():
+  """In the soft phase a gate opens where sigmoid(logit / T) > threshold: with threshold
+  0.7 and T = 0.1 the step's offsets open the target fraction at that temperature."""
+  c = train_config(**{"thermostat.quantile_rate": 1.0, "thermostat.target_rate": 0.3})
+  soft = dict(gate="soft", gate_threshold=0.7)
+  offsets, state, model_def = run_steps(c, 3, lr=0.0, temperature=0.1, **soft)
+  fresh = tokens(5, batch=64)
+  _, aux = functional.apply(model_def, state.params, fresh, stats=None, gate_temperature=0.1)
+  np.testing.assert_allclose(np.mean(aux.open_rate), 0.3, atol=0.05)
+  _, aux_1 = functional.apply(model_def, state.params, fresh, stats=None)  # at T = 1: far off
+  assert abs(float(np.mean(aux_1.open_rate)) - 0.3) > 0.1
+
+
+def test_a_non_finite_step_leaves_the_offsets():
+  """A step whose loss is NaN skips its update: the offsets stay where they were."""
+  offsets, state, _ = run_steps(train_config(), 2, start=[0.4, -0.2], poison=True)
+  np.testing.assert_array_equal(offsets[-1], np.array([0.4, -0.2], np.float32))
+
+
+def test_lambda_control_never_moves_the_offsets_and_quantile_waits_for_its_warmup():
   """Under the thermostat the optimizer (Adam, weight decay) never moves the offsets; the
   quantile control does not act before lambda's warm-up ends."""
   c = train_config(
@@ -143,8 +183,8 @@ def test_lambda_control_leaves_the_offsets_at_zero_and_quantile_waits_for_its_wa
       "thermostat.lam_lr": 0.5,
     }
   )
-  offsets, state, _ = run_steps(c, 4)
-  np.testing.assert_array_equal(offsets[-1], 0.0)
+  offsets, state, _ = run_steps(c, 4, start=[0.4, -0.2])
+  np.testing.assert_array_equal(offsets[-1], np.array([0.4, -0.2], np.float32))
   # Every gate it sees is too many: the state's lambda climbs from its floor each step.
   assert float(state.lam) > 0.01 * np.exp(0.5 * 0.1) ** 3
   c = train_config(**{"thermostat.control": "quantile", "thermostat.lam_warmup": 3})
@@ -219,6 +259,23 @@ def test_soft_gate_at_a_small_temperature_mixes_as_the_hard_gate():
 
 
 # -------------------------------------------------------------------------------- decoding
+
+
+def test_gate_head_stays_float32_under_a_16_bit_compute_dtype():
+  """The block weights are cast to the compute dtype once per call, the gate head's not:
+  the decision compares float32 logits."""
+  from tgn_jax.nn.model import _cast_matrices
+
+  model = TGNLM(tiny_config(gate="hard", dtype="bfloat16"), rngs=nnx.Rngs(0))
+  cast = _cast_matrices(nnx.state(model.blocks), jnp.bfloat16)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
+    name = jax.tree_util.keystr(path)
+    if "gate_head" in name:
+      assert leaf.dtype == jnp.float32, name
+    elif leaf.ndim >= 3:
+      assert leaf.dtype == jnp.bfloat16, name
+  _, aux = model(tokens(1), stats=None, capacity=1.0)
+  assert aux.gate_logit.dtype == jnp.float32
 
 
 def test_decoding_reads_the_offsets_as_the_forward_pass_does():

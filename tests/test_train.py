@@ -585,3 +585,19 @@ def test_modadd_preset_is_the_nanda_recipe():
 
   assert largest_moment(c) > 1e4
   assert largest_moment(resolve({"task": "modadd", "optimizer.clip_norm": 1.0})) < 1.0
+
+
+def test_resume_refuses_a_checkpoint_without_a_leaf_the_model_needs():
+  """A checkpoint saved by another version of the model (here: without the gate offsets)
+  is refused with a message, not set aside as unreadable."""
+  from tgn_jax.training import rundir
+  from tgn_jax.training.config import ConfigError
+
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  saved = {"params": {"kernel": shape(4, 2)}}
+  needed = {"params": {"kernel": shape(4, 2), "offset": shape(2)}}
+  rundir._check_shapes(saved, {"params": {"kernel": shape(4, 2)}}, 7)  # matches: no error
+  with pytest.raises(ConfigError, match="step 7 holds no params.offset"):
+    rundir._check_shapes(saved, needed, 7)
+  with pytest.raises(ConfigError, match="shape"):
+    rundir._check_shapes(saved, {"params": {"kernel": shape(4, 3)}}, 7)

@@ -68,15 +68,19 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class ThermostatConfig:
   lam: float = _field(
-    0.0, "temperature lambda of the free energy (initial value with --target_rate)"
+    0.0,
+    "temperature lambda of the free energy (fixed, or the thermostat's initial value with "
+    "--control lambda)",
   )
   target_rate: Optional[float] = _field(
-    0.25, "hard open-rate target of the thermostat (none: fixed lambda)"
+    0.25, "hard open-rate target that --control holds (none: no control, fixed lambda)"
   )
   lam_lr: float = _field(0.05, "thermostat gain: lambda *= exp(lam_lr * (rate - target))")
   lam_min: float = _field(0.01, "thermostat floor for lambda while it is being adjusted")
   lam_warmup: Optional[int] = _field(
-    None, "steps before lambda acts, then a linear ramp over as many again (default: steps // 3)"
+    None,
+    "steps before lambda and the rate control act, then lambda ramps in linearly over as many "
+    "again (default: steps // 3)",
   )
   soft_warmup: Optional[int] = _field(
     None,

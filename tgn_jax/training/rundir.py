@@ -183,7 +183,8 @@ def restore(manager, run: RunDir, state, shardings, log, primary: bool):
 
 def _check_shapes(metadata, target, step: int) -> None:
   """ConfigError if the checkpoint's arrays do not have the shapes this run's model needs
-  (e.g. resumed with other model options)."""
+  (e.g. resumed with other model options), or lack one it needs (saved by another version
+  of the model)."""
   names = lambda path: tuple(re.findall(r"\w+", jax.tree_util.keystr(path)))
   saved = {
     names(p): tuple(x.shape)
@@ -192,6 +193,11 @@ def _check_shapes(metadata, target, step: int) -> None:
   }
   for path, x in jax.tree_util.tree_leaves_with_path(target):
     name = names(path)
+    if saved and name not in saved:
+      raise ConfigError(
+        f"--resume: the checkpoint of step {step} holds no {'.'.join(name)}, which this "
+        "run's model needs: it was saved by another version of the model or other options"
+      )
     if name in saved and saved[name] != tuple(x.shape):
       raise ConfigError(
         f"--resume: the checkpoint of step {step} holds {'.'.join(name)} of shape "

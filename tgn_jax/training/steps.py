@@ -283,6 +283,8 @@ def make_train_step(
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     gate_logit = metrics.pop("gate_logit")
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: -controls.lr * u, updates)  # AdamW's learning-rate step
     params = optax.apply_updates(state.params, updates)
@@ -300,6 +302,10 @@ def make_train_step(
           controls.gate_temperature if soft else jnp.float32(1.0),
           pooled=quantile == "model",
         )
+      # A non-finite step (its update skipped) must not move them either.
+      offsets = jnp.where(
+        finite & jnp.all(jnp.isfinite(offsets)), offsets, functional.gate_offsets(state.params)
+      )
       params = functional.with_gate_offsets(params, offsets)
       metrics["gate_offset"] = offsets
       new_lam = jnp.where(
@@ -309,13 +315,12 @@ def make_train_step(
         ),
         state.lam,
       )
-    grad_norm = optax.tree_utils.tree_norm(grads)
     metrics.update(
       loss=loss,
       lam=lam,
       lr=controls.lr,
       grad_norm=grad_norm,
-      finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+      finite=finite.astype(jnp.float32),
       skipped_total=opt_state.total_notfinite,
       skipped_in_a_row=opt_state.notfinite_count,
     )
@@ -373,14 +378,15 @@ def make_eval_step(
   params_shardings: Any = None,
   reference_gate: Callable = None,
 ):
-  """Returns a jitted eval(params, inputs, targets, mask, gate_temperature=1.0) -> dict of
-  sums over the batch (on a mesh: the batch split over (data, fsdp), the sums replicated).
+  """Returns a jitted eval(params, inputs, targets, mask, gate_temperature) -> dict of sums
+  over the batch (on a mesh: the batch split over (data, fsdp), the sums replicated);
+  gate_temperature is the soft gate's (1.0 outside the hardening anneal).
 
   Sums (not means) so batches aggregate exactly: ce, correct, count; per layer the open
   gates at scored / unscored positions and the attention observables over open tokens.
   """
 
-  def eval_fn(params, inputs, targets, mask, gate_temperature=1.0):
+  def eval_fn(params, inputs, targets, mask, gate_temperature):
     open_LBT = (reference_gate or reference_gate_fn(model_config, None, None))(
       mask, jax.random.key(0)
     )
