@@ -105,7 +105,7 @@ def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
     return StepControls(
       lr=f32(lr_table[min(step, c.run.steps)]),
       lam_scale=f32(ramp),
-      thermostat=f32(controlled and not quantile),
+      thermostat=f32(controlled),
       target_rate=f32(c.thermostat.target_rate or 0.0),
       lam_lr=f32(c.thermostat.lam_lr),
       lam_min=f32(c.thermostat.lam_min),
@@ -291,7 +291,8 @@ def make_train_step(
     new_lam = state.lam
     if gated:
       # The offsets are not the optimizer's (no gradient; any update it made is replaced).
-      offsets = functional.gate_offsets(state.params)
+      offsets = before = functional.gate_offsets(state.params)
+      rate = metrics["gate_hard"]  # what lambda answers for
       if quantile:
         offsets = quantile_offsets(
           offsets,
@@ -302,6 +303,10 @@ def make_train_step(
           controls.gate_temperature if soft else jnp.float32(1.0),
           pooled=quantile == "model",
         )
+        # Unpriced, the logits near the threshold climb and the offsets chase them without
+        # end; lambda rises while the offsets climb and falls while they drop, so its price
+        # holds the gates' logits still.
+        rate = controls.target_rate + jnp.tanh(jnp.mean(offsets - before))
       # A non-finite step (its update skipped) must not move them either.
       offsets = jnp.where(
         finite & jnp.all(jnp.isfinite(offsets)), offsets, functional.gate_offsets(state.params)
@@ -310,9 +315,7 @@ def make_train_step(
       metrics["gate_offset"] = offsets
       new_lam = jnp.where(
         controls.thermostat > 0,
-        thermostat(
-          state.lam, metrics["gate_hard"], controls.target_rate, controls.lam_lr, controls.lam_min
-        ),
+        thermostat(state.lam, rate, controls.target_rate, controls.lam_lr, controls.lam_min),
         state.lam,
       )
     metrics.update(
