@@ -91,7 +91,7 @@ class ThermostatConfig:
     "quantile",
     "what holds the open rate at target_rate (none: nothing, lambda fixed): lambda (the "
     "thermostat adjusts lambda) | quantile (the gate thresholds follow a moving quantile of "
-    "the gate logits over past batches; lambda stays fixed)",
+    "the gate logits over past batches; the thermostat's lambda prices their drift)",
     choices=("lambda", "quantile"),
   )
   quantile_rate: float = _field(

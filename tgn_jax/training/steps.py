@@ -9,7 +9,9 @@ finds the right scale of lam whatever the task's units of U. The quantile contro
 the rate with the gate thresholds instead: each layer's logit offset moves a fraction
 quantile_rate of the way to the batch's (1 - target) quantile after every step (pooled over
 the layers or per layer), so a step uses the threshold of the batches before it, as decoding
-does; lam stays at its set value.
+does. lam then prices the offsets' drift: the same dual-ascent step with tanh(mean offset
+change) in place of (rate - target), so it rises while the logits near the threshold climb
+(and the offsets chase them) and falls while they drop.
 
 The compiled step depends only on the model and the optimizer's structure; the learning
 rate, lambda's ramp, the thermostat's settings and the seed arrive as StepControls.
