@@ -105,7 +105,8 @@ def test_quantile_control_moves_open_rate_to_target(mqar_run):
   soft = [r for r in train if r["gate_mode"] == "soft"]
   hard = [r for r in train if r["gate_mode"] == "hard"]
   assert soft[-1]["gate_hard"] > target + 0.2, soft[-1]
-  for r in hard[2:]:
+  assert hard[0]["gate_hard"] > target + 0.1, hard[0]  # the first steps still open wide
+  for r in hard[-10:]:  # the last 100 steps
     assert abs(r["gate_hard"] - target) < 0.03, r
   offsets = hard[-1]["gate_offset"]
   assert len(offsets) == 2 and offsets[0] == offsets[1] > 0  # one pooled shift, upwards
