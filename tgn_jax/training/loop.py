@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -332,12 +333,13 @@ def train(
 
 
 def _params_per_device(params) -> int:
-  """Parameters held by this process's first device (all of them when nothing is sharded)."""
+  """Trained parameters held by this process's first device (all of them when nothing is
+  sharded)."""
   device = jax.local_devices()[0]
   return int(
     sum(
       np.prod(shard.data.shape)
-      for leaf in jax.tree.leaves(params)
+      for leaf in jax.tree.leaves(params.filter(nnx.Param))
       for shard in leaf.addressable_shards
       if shard.device == device
     )
