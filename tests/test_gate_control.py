@@ -178,9 +178,11 @@ def test_quantile_control_prices_the_offsets_drift_with_lambda(start, rises):
 
 
 def test_a_non_finite_step_leaves_the_offsets():
-  """A step whose loss is NaN skips its update: the offsets stay where they were."""
+  """A step whose loss is NaN skips its update: the offsets stay where they were, and
+  lambda, which prices their drift, stays finite."""
   offsets, state, _ = run_steps(train_config(), 2, start=[0.4, -0.2], poison=True)
   np.testing.assert_array_equal(offsets[-1], np.array([0.4, -0.2], np.float32))
+  assert np.isfinite(float(state.lam))
 
 
 def test_lambda_control_never_moves_the_offsets_and_quantile_waits_for_its_warmup():

@@ -305,14 +305,12 @@ def make_train_step(
           controls.gate_temperature if soft else jnp.float32(1.0),
           pooled=quantile == "model",
         )
+        # A non-finite step (its update skipped) must not move them either.
+        offsets = jnp.where(finite & jnp.all(jnp.isfinite(offsets)), offsets, before)
         # Unpriced, the logits near the threshold climb and the offsets chase them without
         # end; lambda rises while the offsets climb and falls while they drop, so its price
         # holds the gates' logits still.
         rate = controls.target_rate + jnp.tanh(jnp.mean(offsets - before))
-      # A non-finite step (its update skipped) must not move them either.
-      offsets = jnp.where(
-        finite & jnp.all(jnp.isfinite(offsets)), offsets, functional.gate_offsets(state.params)
-      )
       params = functional.with_gate_offsets(params, offsets)
       metrics["gate_offset"] = offsets
       new_lam = jnp.where(
