@@ -145,7 +145,10 @@ _GATE_OFFSET_PATH = ("blocks", "gate_head", "offset")
 
 def gate_offsets(params: nnx.State) -> jax.Array:
   """The gate-logit offsets (layers.GateOffset) of a TGNLM's parameters, float32 [L]."""
-  return params["blocks"]["gate_head"]["offset"][...]
+  node = params
+  for key in _GATE_OFFSET_PATH:
+    node = node[key]
+  return node[...]
 
 
 def with_gate_offsets(params: nnx.State, offsets_L: jax.Array) -> nnx.State:
