@@ -10,6 +10,9 @@ absolute change between evaluations), each head's peak step, the steps where tra
 first reach 0.9 (memorisation, generalisation), and the lead of the peak; a plot of C and
 accuracies against step. A peak that only marks memorisation says nothing about grokking.
 
+A seed's run ends at --steps or once test accuracy has held --stop_accuracy for
+--stop_patience steps, whichever comes first.
+
   python benchmarks/grokking.py                      # 5 seeds, p = 113
   python benchmarks/grokking.py --tiny               # CPU smoke run
 """
@@ -73,6 +76,13 @@ def main(argv=None):
   parser.add_argument("--eval_every", type=int, default=100)
   parser.add_argument("--mixer", default="attention", help="attention (Nanda) or tgn")
   parser.add_argument("--threshold", type=float, default=0.9, help="test accuracy of 'grokked'")
+  parser.add_argument(
+    "--stop_accuracy",
+    type=float,
+    default=0.99,
+    help="end a seed's run once test accuracy has held this for --stop_patience steps",
+  )
+  parser.add_argument("--stop_patience", type=int, default=2000)
   parser.add_argument("--runs_dir", default=None)
   args = parser.parse_args(argv)
   extra = {}
@@ -91,6 +101,8 @@ def main(argv=None):
       mixer=args.mixer,
       eval_every=args.eval_every,
       checkpoint_every=max(args.eval_every, args.steps // 4),
+      stop_accuracy=args.stop_accuracy,
+      stop_patience=args.stop_patience,
       **extra,
     )
     name = f"{args.mixer}_p{args.p}_seed{seed}"

@@ -339,6 +339,28 @@ def test_modadd_logs_specific_heat_and_train_accuracy(tmp_path, capsys):
   assert summary(out)["config"]["optimizer"]["weight_decay"] == 1.0  # the Nanda preset
 
 
+def test_run_stops_once_held_out_accuracy_holds_for_the_patience(tmp_path, capsys):
+  out = tmp_path / "run"
+  args = "--task=modadd --p=13 --d_model=32 --d_mlp=64 --steps=200 --eval_every=10 --no-plots"
+  code, stdout, _ = run_main(
+    args.split() + ["--stop_accuracy=0.05", "--stop_patience=20", "--no-progress", f"--out={out}"],
+    capsys,
+  )
+  assert code == 0
+  evals = records(out, "eval")
+  held, expected = None, None
+  for r in evals:  # the rule, restated: 20 steps of evaluations all at >= 0.05
+    held = (held if held is not None else r["step"]) if r["eval_accuracy"] >= 0.05 else None
+    if held is not None and r["step"] - held >= 20:
+      expected = r["step"]
+      break
+  s = summary(out)
+  assert expected is not None and s["steps_completed"] == expected == evals[-1]["step"] < 200
+  assert s["stopped_at_accuracy"] and s["interrupted_by"] == 0
+  assert f"{expected}/200 steps (stopped: held-out accuracy >= 0.05 for 20 steps)" in stdout
+  assert (out / "checkpoints" / str(expected)).exists()
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -355,6 +377,8 @@ def test_modadd_logs_specific_heat_and_train_accuracy(tmp_path, capsys):
     (["--num_kv=100"], "num_kv"),
     (["--task=text", "--data=/no/such/corpus"], "/no/such/corpus"),
     (["--resume"], "--resume needs --out"),
+    (["--stop_accuracy=1.5"], "--stop_accuracy must be in (0, 1]"),
+    (["--task=text", "--stop_accuracy=0.9"], "needs a task scored by accuracy"),
   ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):

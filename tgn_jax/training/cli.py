@@ -187,6 +187,11 @@ def _file_values(path: Optional[str]) -> dict[str, Any]:
 def format_summary(s: dict[str, Any]) -> str:
   final = s["final"]
   parts = [f"{s['task']}: {s['steps_completed']}/{s['steps_requested']} steps"]
+  if s.get("stopped_at_accuracy"):
+    run = s["config"]["run"]
+    parts[0] += (
+      f" (stopped: held-out accuracy >= {run['stop_accuracy']} for {run['stop_patience']} steps)"
+    )
   if "eval_accuracy" in final:
     parts.append(f"eval accuracy {final['eval_accuracy']:.4f}")
   if "train_accuracy" in final:

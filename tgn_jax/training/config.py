@@ -140,6 +140,14 @@ class RunConfig:
   max_nonfinite: int = _field(20, "consecutive skipped updates after which the run stops")
   log_every: int = _field(10, "steps between metric records")
   eval_every: int = _field(250, "steps between evaluations")
+  stop_accuracy: Optional[float] = _field(
+    None,
+    "stop once the held-out accuracy has stayed at or above this for --run.stop_patience "
+    "steps (checked at each evaluation; mqar, modadd)",
+  )
+  stop_patience: int = _field(
+    0, "steps the held-out accuracy must hold --run.stop_accuracy before the run stops"
+  )
   checkpoint_every: int = _field(250, "steps between checkpoints")
   keep_checkpoints: int = _field(3, "checkpoints kept")
   progress: bool = _field(True, "show a progress bar")
@@ -495,6 +503,7 @@ def validate(c: TrainConfig) -> None:
       fail(path, f"must be a positive integer, got {value!r}")
   for path in (
     "run.seed",
+    "run.stop_patience",
     "optimizer.warmup_steps",
     "thermostat.lam_warmup",
     "thermostat.soft_warmup",
@@ -536,6 +545,11 @@ def validate(c: TrainConfig) -> None:
     if not _finite(values[path]) or not 0 < values[path] < 1:
       fail(path, f"must be in (0, 1), got {values[path]!r}")
   run = c.run
+  if run.stop_accuracy is not None:
+    if not _finite(run.stop_accuracy) or not 0 < run.stop_accuracy <= 1:
+      fail("run.stop_accuracy", f"must be in (0, 1] or none, got {run.stop_accuracy!r}")
+    if c.task.name == "text":
+      fail("run.stop_accuracy", "needs a task scored by accuracy (mqar, modadd), not text")
   if run.num_processes is not None and (
     isinstance(run.num_processes, bool) or run.num_processes < 1
   ):

@@ -222,6 +222,8 @@ def train(
   last_saved = start if settings.resume else -1
   step = start
   stopping = 0  # the signal that stops the run, agreed by every process
+  held_since: Optional[int] = None  # first step of the evaluations at >= stop_accuracy
+  converged = False
   due = lambda every: step % every == 0 or step == settings.steps
 
   def run_eval() -> dict[str, Any]:
@@ -240,7 +242,7 @@ def train(
     return result
 
   try:
-    while step < settings.steps and not stopping:
+    while step < settings.steps and not stopping and not converged:
       batch = prefetched.pop(step) if step in prefetched else batch_at(step)
       phase = phases.name(step)
       if phase == "soft":
@@ -282,7 +284,9 @@ def train(
         last_eval = run_eval()
         bar.set_postfix(_postfix(record, last_eval, task), refresh=False)
         timing.skip_interval()
-      if due(settings.checkpoint_every):
+        held_since = _accuracy_held_since(held_since, last_eval, settings.stop_accuracy)
+        converged = held_since is not None and step - held_since >= settings.stop_patience
+      if due(settings.checkpoint_every) or converged:
         state = _with_routing_needs(state, ladder, shardings)
         rundir.save(manager, step, state)
         last_saved = step
@@ -317,6 +321,7 @@ def train(
     lam=float(state.lam),
     timing=timing,
     interrupted=stopping,
+    converged=converged,
   )
   summary["mesh"] = {
     "data": mesh.shape["data"],
@@ -427,6 +432,17 @@ def _postfix(record, last_eval, task: Task) -> dict[str, str]:
   return post
 
 
+def _accuracy_held_since(
+  held_since: Optional[int], result: dict[str, Any], threshold: Optional[float]
+) -> Optional[int]:
+  """The first step of the current unbroken run of evaluations at or above threshold
+  (None: the last evaluation fell below it, or no threshold)."""
+  accuracy = result.get("eval_accuracy")
+  if threshold is None or accuracy is None or not accuracy >= threshold:
+    return None
+  return result["step"] if held_since is None else held_since
+
+
 def _summary(
   config: TrainConfig,
   model_config: TGNConfig,
@@ -439,6 +455,7 @@ def _summary(
   lam: float,
   timing: _Timing,
   interrupted: int,
+  converged: bool,
 ) -> dict[str, Any]:
   train_records = run.records("train")
   last_train = train_records[-1] if train_records else {}
@@ -449,6 +466,7 @@ def _summary(
     "steps_completed": step,
     "steps_requested": config.run.steps,
     "interrupted_by": int(interrupted),
+    "stopped_at_accuracy": converged,
     "run_dir": str(run.path),
     "final": {k: v for k, v in last_eval.items() if k != "kind"},
     "train_loss": last_train.get("loss"),

@@ -76,9 +76,11 @@ class RunDir:
       return None
 
   def finished(self) -> bool:
-    """Whether summary.json records a run that reached its steps uninterrupted."""
+    """Whether summary.json records a run that reached its steps (or its stop accuracy)
+    uninterrupted."""
     s = self.read_summary()
-    return bool(s) and not s.get("interrupted_by") and s["steps_completed"] >= s["steps_requested"]
+    done = s and (s["steps_completed"] >= s["steps_requested"] or s.get("stopped_at_accuracy"))
+    return bool(done) and not s.get("interrupted_by")
 
   def truncate_metrics(self, last_step: int) -> None:
     """Drops records after `last_step` (written after the checkpoint a resume starts from)."""
