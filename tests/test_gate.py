@@ -21,6 +21,13 @@ def test_straight_through_value_and_gradient():
   np.testing.assert_allclose(grad, weight * upstream)
 
 
+def test_logit_spread_is_the_std_at_least_one_without_gradient():
+  wide = jnp.array([[-300.0, 10.0], [40.0, 90.0]])
+  np.testing.assert_allclose(gate_ops.logit_spread(wide), np.std(np.asarray(wide)), rtol=1e-6)
+  np.testing.assert_array_equal(gate_ops.logit_spread(jnp.array([[0.1, -0.2, 0.3]])), 1.0)
+  np.testing.assert_array_equal(jax.grad(lambda x: gate_ops.logit_spread(x))(wide), 0.0)
+
+
 def test_hard_gate_threshold_and_sampling():
   prob = jnp.full((200, 100), 0.3)
   assert not bool(jnp.any(gate_ops.hard_gate(prob)))

@@ -205,6 +205,54 @@ def test_straight_through_gradient_is_the_soft_gates_near_saturation():
       )
 
 
+def test_spread_gradient_reaches_gates_far_from_the_threshold():
+  """gate_gradient="spread" changes the straight-through derivative only: the forward is
+  the same; with logits within a unit of each other it is the sigmoid's derivative
+  exactly; with logits spread over hundreds (the scale the quantile threshold lets them
+  reach) and all far below the threshold (every gate closed, every closed token explored),
+  the sigmoid's derivative vanishes while the spread's still reaches the gate head."""
+  kw = dict(gate="hard", exploration=0.05, exploration_floor=0.999999)
+  sigmoid_def, params = functional.init(config(gate_gradient="sigmoid", **kw), jax.random.key(0))
+  spread_def, _ = functional.init(config(gate_gradient="spread", **kw), jax.random.key(0))
+  toks = tokens(1)
+  weights = jax.random.normal(jax.random.key(3), (3, SEQ, VOCAB))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(model_def, params):
+    def loss(params):
+      logits, aux = functional.apply(
+        model_def, params, toks, rng=jax.random.key(5), stats=None, capacity=1.0
+      )
+      return jnp.sum(logits * weights), (logits, aux)
+
+    grads, out = jax.grad(loss, has_aux=True)(params)
+    head = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads["blocks"]["gate_head"])])
+    return head, out
+
+  (g_sigmoid, (logits_s, aux)), (g_spread, (logits_p, _)) = (
+    run(sigmoid_def, params),
+    run(spread_def, params),
+  )
+  assert float(np.std(np.asarray(aux.gate_logit))) < 1.0
+  np.testing.assert_array_equal(logits_s, logits_p)
+  np.testing.assert_allclose(g_spread, g_sigmoid, rtol=1e-6, atol=1e-9)
+
+  head = params["blocks"]["gate_head"]["out"]
+  wide = jax.tree.map(lambda x: x, params)
+  bias = jnp.full_like(head["bias"][...], -4000.0)
+  wide["blocks"]["gate_head"]["out"]["kernel"].value = 2000.0 * head["kernel"][...]
+  wide["blocks"]["gate_head"]["out"]["bias"].value = bias
+  (g_sigmoid, (logits_s, aux)), (g_spread, (logits_p, _)) = (
+    run(sigmoid_def, wide),
+    run(spread_def, wide),
+  )
+  logit = np.asarray(aux.gate_logit)
+  assert np.all(logit < -100.0) and np.std(logit) > 100.0
+  np.testing.assert_array_equal(aux.compute_rate, 1.0)
+  np.testing.assert_array_equal(logits_s, logits_p)
+  assert float(jnp.linalg.norm(g_sigmoid)) < 1e-9 < float(jnp.linalg.norm(g_spread))
+
+
 # ------------------------------------------------------------------------------ saturation
 
 

@@ -14,6 +14,7 @@ GateMode = Literal["soft", "hard", "open", "closed"]
 Execution = Literal["sparse", "dense"]
 KeyValues = Literal["all", "open"]
 GateInput = Literal["recurrence", "both"]
+GateGradient = Literal["sigmoid", "spread"]
 Norm = Literal["rms", "none"]
 Activation = Literal["gelu", "relu"]
 
@@ -23,6 +24,7 @@ GATE_MODES = ("soft", "hard", "open", "closed")
 EXECUTIONS = ("sparse", "dense")
 KEY_VALUES = ("all", "open")
 GATE_INPUTS = ("recurrence", "both")
+GATE_GRADIENTS = ("sigmoid", "spread")
 NORMS = ("rms", "none")
 ACTIVATIONS = ("gelu", "relu")
 IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas")
@@ -57,6 +59,10 @@ class TGNConfig:
   mlp_activation: "gelu" or "relu".
   gate_input: what the gate reads: "recurrence" (the recurrence's output r_t) or "both"
     (the block's normalised input and r_t).
+  gate_gradient: the hard gate's straight-through derivative: "sigmoid" (of
+    sigmoid(logit)) or "spread" (of sigmoid(logit / s), s the layer's logit standard
+    deviation over the batch, at least 1: a gate far from its threshold, where
+    sigmoid(logit) is flat, still learns; the forward pass is the same).
   kv: "all" (every token writes a key and value) or "open" (only tokens whose hard gate
     is open do: attention runs among open tokens, its cost scales with the square of the
     open rate, and the decoding cache holds open tokens only). "open" needs gate="hard".
@@ -100,6 +106,7 @@ class TGNConfig:
   gate_sampling: bool = False
   gate_hidden: Optional[int] = None
   gate_input: GateInput = "both"
+  gate_gradient: GateGradient = "spread"
   gate_bias_init: float = 0.0
   attention_execution: Optional[Execution] = None
   kv: KeyValues = "all"
@@ -165,6 +172,7 @@ class TGNConfig:
     _require_choice("param_dtype", self.param_dtype, tuple(DTYPES))
     _require_choice("kv", self.kv, KEY_VALUES)
     _require_choice("gate_input", self.gate_input, GATE_INPUTS)
+    _require_choice("gate_gradient", self.gate_gradient, GATE_GRADIENTS)
     _require_choice("norm", self.norm, NORMS)
     _require_choice("mlp_activation", self.mlp_activation, ACTIVATIONS)
     if self.kv == "open" and not (self.mixer == "tgn" and self.gate == "hard"):

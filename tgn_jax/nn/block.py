@@ -151,7 +151,7 @@ class Block(nnx.Module):
         stats = jax.tree.map(lambda s: jnp.where(computed[..., None], s, jnp.nan), stats)
     if cache is not None:
       cache = cache._replace(state=state)
-    y, gate = self._mix(r, a, prob, is_open, computed, explored_fraction)
+    y, gate = self._mix(r, a, logit, prob, is_open, computed, explored_fraction)
     x = x_BTD + y.astype(x_BTD.dtype)
     x = x + self.mlp(self.norm_mlp(x))
     aux = LayerAux(
@@ -320,7 +320,7 @@ class Block(nnx.Module):
     )
     return a, stats, _merge_reports(queries, keys.report)
 
-  def _mix(self, r, a, prob, is_open, computed, explored_fraction):
+  def _mix(self, r, a, logit, prob, is_open, computed, explored_fraction):
     """(y [B, T, D], the gate value applied, float32 [B, T])."""
     if self.mix == "attention":
       return a, prob
@@ -331,5 +331,7 @@ class Block(nnx.Module):
     # Explored tokens carry the straight-through gradient scaled by 1/fraction, so its
     # expectation matches the gradient with attention computed at every closed token.
     weight = jnp.where(is_open, 1.0, jnp.where(computed, 1.0 / explored_fraction, 0.0))
+    if self.config.gate_gradient == "spread":
+      prob = jax.nn.sigmoid(logit / gate_ops.logit_spread(logit))
     gate = gate_ops.straight_through(prob, is_open, weight)
     return r + gate[..., None] * (a - r), jax.lax.stop_gradient(gate)

@@ -56,6 +56,13 @@ def straight_through(prob_BT: Array, open_BT: Array, grad_weight_BT: Array) -> A
   return open_BT.astype(jnp.float32) + grad_weight_BT * (prob - jax.lax.stop_gradient(prob))
 
 
+def logit_spread(logit_BT: Array) -> Array:
+  """The scale of a layer's gate logits for its straight-through derivative, float32
+  scalar without gradient: their standard deviation over the batch, at least 1."""
+  spread = jnp.std(logit_BT.astype(jnp.float32))
+  return jax.lax.stop_gradient(jnp.maximum(spread, 1.0))
+
+
 def capacity_tokens(length: int, fraction: float, multiple: int = 1) -> int:
   """Static capacity for `length` tokens: fraction * length rounded up to a multiple of
   `multiple`, at least one multiple, at most `length`."""

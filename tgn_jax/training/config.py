@@ -181,6 +181,8 @@ MODEL_HELP = {
   "gate_sampling": "Bernoulli-sample the hard gate in training",
   "gate_hidden": "gate MLP width (default max(8, d_model // 4))",
   "gate_input": "what the gate reads: recurrence (its output) | both (also the block input)",
+  "gate_gradient": "hard gate's straight-through derivative: sigmoid | spread (of "
+  "sigmoid(logit / the batch's logit std), so a saturated gate still learns)",
   "gate_bias_init": "initial gate logit bias (0: open probability 1/2)",
   "attention_execution": "sparse | dense (default: sparse for the hard gate)",
   "kv": "keys and values: all (every token) | open (open tokens only)",
