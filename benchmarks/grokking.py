@@ -10,6 +10,12 @@ absolute change between evaluations), each head's peak step, the steps where tra
 first reach 0.9 (memorisation, generalisation), and the lead of the peak; a plot of C and
 accuracies against step. A peak that only marks memorisation says nothing about grokking.
 
+Two things move C besides the circuit forming: the train loss's sudden spikes once it is near
+zero (Adam's "slingshot"; evaluations where the train cross-entropy jumps 30-fold, listed per
+seed), which lift C for one evaluation, and the broad hump of the transition itself. The hump
+is C with one-evaluation spikes removed (running median of 3) and averaged over 5 evaluations;
+its peak and lead are reported beside the raw ones.
+
 A seed's run ends at --steps or once test accuracy has held --stop_accuracy for
 --stop_patience steps, whichever comes first.
 
@@ -28,9 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common
 
 COLUMNS = (
-  "seed peak_step peak_over_median peak_in_noise head_peak_steps memorised_step "
-  "grok_step lead peak_heat final_test_accuracy final_train_accuracy"
+  "seed peak_step peak_over_median peak_in_noise peak_at_loss_spike hump_step head_peak_steps "
+  "memorised_step grok_step lead hump_lead loss_spike_steps final_test_accuracy"
 ).split()
+HUMP_WINDOW = 5  # evaluations
+LOSS_SPIKE = 30.0  # train cross-entropy ratio to the previous evaluation
+LOSS_SPIKE_FLOOR = 1e-4  # nats; jumps below it are float noise near zero loss
 
 
 def analyse(evals: list[dict], threshold: float) -> dict:
@@ -40,7 +49,16 @@ def analyse(evals: list[dict], threshold: float) -> dict:
   heat = np.array([np.nanmean(np.asarray(e["specific_heat"], float)) for e in evals])
   test = np.array([e["eval_accuracy"] for e in evals])
   train = np.array([e["train_accuracy"] for e in evals])
-  peak = int(steps[int(np.nanargmax(heat))])
+  peak_index = int(np.nanargmax(heat))
+  peak = int(steps[peak_index])
+  hump = _hump(heat)
+  hump_step = int(steps[int(np.nanargmax(hump))]) if np.isfinite(hump).any() else None
+  train_ce = np.array([e.get("train_ce", np.nan) for e in evals], float)
+  spikes = [
+    i
+    for i in range(1, len(evals))
+    if train_ce[i] > LOSS_SPIKE_FLOOR and train_ce[i] > LOSS_SPIKE * train_ce[i - 1]
+  ]
 
   def first(reached):
     index = np.nonzero(reached)[0]
@@ -59,13 +77,32 @@ def analyse(evals: list[dict], threshold: float) -> dict:
     peak_heat=float(np.nanmax(heat)),
     peak_over_median=float(np.nanmax(heat) / np.nanmedian(heat)),
     peak_in_noise=float((np.nanmax(heat) - np.nanmedian(heat)) / noise) if noise > 0 else None,
+    peak_at_loss_spike=any(abs(peak_index - i) <= 1 for i in spikes),
+    hump_step=hump_step,
     head_peak_steps=head_peaks,
     memorised_step=first(train >= threshold),
     grok_step=grok,
     lead=None if grok is None else grok - peak,
+    hump_lead=None if grok is None or hump_step is None else grok - hump_step,
+    loss_spike_steps=[int(steps[i]) for i in spikes],
     final_test_accuracy=float(test[-1]),
     final_train_accuracy=float(train[-1]),
   )
+
+
+def _hump(heat):
+  """C without one-evaluation spikes (centred running median of 3), averaged over
+  HUMP_WINDOW evaluations (centred); NaN where a window leaves the curve."""
+  heat = np.asarray(heat, float)
+  out = np.full(len(heat), np.nan)
+  if len(heat) < HUMP_WINDOW:
+    return out
+  despiked = heat.copy()
+  despiked[1:-1] = np.median(np.stack([heat[:-2], heat[1:-1], heat[2:]]), axis=0)
+  half = HUMP_WINDOW // 2
+  window = np.ones(HUMP_WINDOW) / HUMP_WINDOW
+  out[half : len(heat) - half] = np.convolve(despiked, window, mode="valid")
+  return out
 
 
 def main(argv=None):
@@ -115,6 +152,7 @@ def main(argv=None):
     print(rows[-1], flush=True)
 
   leads = [r["lead"] for r in rows if r["lead"] is not None]
+  hump_leads = [r["hump_lead"] for r in rows if r["hump_lead"] is not None]
   at_memorisation = sum(
     r["memorised_step"] is not None and r["peak_step"] <= r["memorised_step"] for r in rows
   )
@@ -125,6 +163,14 @@ def main(argv=None):
     + (f" (median lead {np.median(leads):.0f} steps)" if leads else "; no seed grokked")
     + f"; the peak is at or before memorisation in {at_memorisation} of {len(rows)}"
     + f"; peak / median C: {min(prominence):.2f} to {max(prominence):.2f}"
+    + f"; the peak sits at a train-loss spike in {sum(r['peak_at_loss_spike'] for r in rows)}"
+    + f" of {len(rows)}"
+    + (
+      f"; C's {HUMP_WINDOW}-evaluation hump peaks {min(hump_leads)} to {max(hump_leads)} steps"
+      " before test accuracy reaches the threshold (negative: after)"
+      if hump_leads
+      else ""
+    )
   )
   common.print_table(rows, COLUMNS)
   print(verdict)
@@ -153,7 +199,11 @@ def _draw(axes, curves, rows):
       per_head = np.asarray(heads, float).reshape(len(evals), -1)
       for h in range(per_head.shape[1]):
         ax.plot(steps, per_head[:, h], color="tab:red", lw=0.6, alpha=0.35)
-    ax.set_ylabel("C (mean; heads thin)", color="tab:red")
+    mean_heat = np.array([np.nanmean(np.asarray(e["specific_heat"], float)) for e in evals])
+    ax.plot(steps, _hump(mean_heat), color="darkred", ls="--", lw=1)
+    for spike in row.get("loss_spike_steps") or []:
+      ax.axvline(spike, color="grey", ls=":", lw=0.8)
+    ax.set_ylabel("C (mean; heads thin;\nhump dashed)", color="tab:red")
     twin = ax.twinx()
     twin.plot(steps, [e["eval_accuracy"] for e in evals], color="tab:blue", label="test acc")
     twin.plot(
@@ -164,7 +214,9 @@ def _draw(axes, curves, rows):
     if row["grok_step"] is not None:
       ax.axvline(row["grok_step"], color="tab:blue", ls="--", lw=0.8)
     ax.set_title(
-      f"seed {row['seed']}: C peak {row['peak_step']}, grok {row['grok_step']}", fontsize=9
+      f"seed {row['seed']}: C peak {row['peak_step']}, hump {row['hump_step']}, "
+      f"grok {row['grok_step']} (grey: train-loss spikes)",
+      fontsize=9,
     )
     twin.legend(fontsize=7, loc="center right")
   axes[-1].set_xlabel("step")

@@ -17,10 +17,6 @@ res=benchmarks/results
 timeout -k 5 "$limit" "$py" benchmarks/mqar.py --fillers zero --gates learned,oracle,random \
   --models tgn,transformer,recurrent --out $res/mqar_zoology_zero.json 2>&1 | tee -a "$dest/log.txt"
 tar -C "$res" -cf "$dest/results.tar" --exclude='*_runs*' --exclude='*_tiny*' .
-# Grokking with the Nanda et al. recipe (train.py's modadd preset), p = 113, five seeds,
-# 20k steps each, evaluated every 100 steps (specific heat per head).
-timeout -k 5 "$limit" "$py" benchmarks/grokking.py --out $res/grokking_p113.json 2>&1 | tee -a "$dest/log.txt"
-tar -C "$res" -cf "$dest/results.tar" --exclude='*_runs*' --exclude='*_tiny*' .
 # Accuracy against open rate with random fillers at (128, 16), V = 256, d_model 64, 3000 steps
 # of 64 (the budget at which the TGN reached 0.96 on CPU): the learned gate at five targets,
 # the random gate at each learned run's per-layer rates, the oracle once.

@@ -429,6 +429,24 @@ def test_grokking_analysis_finds_peak_and_jump():
   assert (result["peak_step"], result["grok_step"], result["lead"]) == (200, 400, 200)
   assert result["memorised_step"] == 200
   assert result["peak_over_median"] == pytest.approx(0.9 / 0.25)
+  assert result["hump_step"] is None and result["loss_spike_steps"] == []
+
+
+def test_grokking_analysis_tells_a_loss_spike_from_the_hump():
+  # C: a broad hump centred at step 800 and a one-evaluation spike at 300, where the train
+  # loss jumps 100-fold; test accuracy passes 0.9 at 900.
+  heat = [0.10, 0.10, 0.30, 0.10, 0.12, 0.14, 0.17, 0.20, 0.17, 0.14, 0.12, 0.10, 0.10]
+  train_ce = [1e-1, 1e-5, 1e-3, 1e-5, 1e-6, 1e-6, 1e-6, 1e-6, 2e-6, 1e-6, 1e-6, 1e-6, 1e-6]
+  test = [0.0, 0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.95, 1.0, 1.0, 1.0, 1.0]
+  evals = [
+    dict(step=100 * (i + 1), specific_heat=[h], eval_accuracy=a, train_accuracy=1.0, train_ce=c)
+    for i, (h, c, a) in enumerate(zip(heat, train_ce, test))
+  ]
+  result = grokking.analyse(evals, 0.9)
+  assert result["peak_step"] == 300 and result["peak_at_loss_spike"]
+  assert result["loss_spike_steps"] == [300]  # the 2x wobble at 900 is not a spike
+  assert result["hump_step"] == 800 and result["hump_lead"] == 100
+  assert result["lead"] == 600
 
 
 def test_phase(tmp_path):
