@@ -174,12 +174,15 @@ def figure(path: Path, figsize: tuple[float, float] = (6, 4), dpi: int = 120):
   fig.savefig(path, dpi=dpi)
 
 
-def plot_lines(ax, lines: dict[str, list[tuple[float, float]]], **settings) -> None:
+def plot_lines(
+  ax, lines: dict[str, list[tuple[float, float]]], colors: dict[str, str] | None = None, **settings
+) -> None:
   """One marked line per label through its (x, y) points in x order (labels without
-  points left out), then ax.set(**settings) and a legend."""
+  points left out; `colors` keeps a label's colour across panels), then ax.set(**settings)
+  and a legend."""
   for label, points in lines.items():
     if points:
-      ax.plot(*zip(*sorted(points)), marker="o", label=label)
+      ax.plot(*zip(*sorted(points)), marker="o", label=label, color=(colors or {}).get(label))
   ax.set(**settings)
   ax.legend(fontsize=7)
 

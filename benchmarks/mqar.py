@@ -167,11 +167,14 @@ def plot(rows, path):
       if keep(model)
     }
 
+  accuracy = lines("accuracy")
+  colors = {label: f"C{i % 10}" for i, label in enumerate(accuracy)}
   with common.figure(path, figsize=(9, 3.6)) as fig:
     ax_acc, ax_gate = fig.subplots(1, 2)
     common.plot_lines(
       ax_acc,
-      lines("accuracy"),
+      accuracy,
+      colors,
       xscale="log",
       xlabel="sequence length",
       ylabel="held-out accuracy",
@@ -181,6 +184,7 @@ def plot(rows, path):
     common.plot_lines(
       ax_gate,
       lines("open_rate", lambda model: models.MODELS[model].thermostat),
+      colors,
       xscale="log",
       xlabel="sequence length",
       ylabel="hard open rate",
