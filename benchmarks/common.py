@@ -125,7 +125,7 @@ def format_value(value, missing: str = "-") -> str:
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
   """The rows' columns, right-aligned, on the terminal."""
-  widths = [max(len(c), *(len(format_value(r.get(c))) for r in rows)) for c in columns]
+  widths = [max([len(c)] + [len(format_value(r.get(c))) for r in rows]) for c in columns]
   print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
   for r in rows:
     print("  ".join(format_value(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
@@ -205,18 +205,14 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   sweep: SystemExit, after its checkpoint is saved.
   """
   from tgn_jax.training import rundir
-  from tgn_jax.training.config import ConfigError, resolve
+  from tgn_jax.training.config import resolve
   from tgn_jax.training.loop import prepare, train
 
+  summary = finished_run(options, out)
+  if summary is not None:
+    return summary
   run = rundir.RunDir(out)
   quiet = {"run.out": str(out), "run.progress": False, "run.plots": False}
-  if run.config.exists():
-    try:
-      rundir.check_resume_changes(run.stored_config(), options)
-    except ConfigError as e:
-      raise ConfigError(f"{out} holds a run with other options: {e}") from None
-    if run.finished():
-      return run.read_summary()
   resume = run.config.exists() and bool(rundir.checkpoint_steps(run.checkpoints))
   config = resolve(
     {**options, **quiet, "run.resume": resume}, base=run.stored_config() if resume else None
@@ -228,6 +224,22 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
       f"{summary['steps_completed']}; the same command resumes the sweep"
     )
   return summary
+
+
+def finished_run(options: dict[str, Any], out: Path) -> dict[str, Any] | None:
+  """The summary of the finished run in `out`, None where there is none yet; ConfigError
+  if `out` holds a run with other options."""
+  from tgn_jax.training import rundir
+  from tgn_jax.training.config import ConfigError
+
+  run = rundir.RunDir(out)
+  if not run.config.exists():
+    return None
+  try:
+    rundir.check_resume_changes(run.stored_config(), options)
+  except ConfigError as e:
+    raise ConfigError(f"{out} holds a run with other options: {e}") from None
+  return run.read_summary() if run.finished() else None
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:

@@ -9,6 +9,10 @@ same grid point: `oracle` (open exactly at the queries of the last layer) and `r
 (Bernoulli at the learned gate's per-layer rates). `budget` is the fraction of Zoology's
 training budget (100k examples x 64 epochs) that the steps x batch_size cover.
 
+A sweep can be split between processes (each with a part of the grid, the same
+--runs_dir) and its table and plot built afterwards from the finished runs alone:
+`--collect` trains nothing and lists the runs it did not find.
+
   python benchmarks/mqar.py                                     # the full grid (GPU-sized)
   python benchmarks/mqar.py --grid 64:4 --d_models 64 --steps 3000
   python benchmarks/mqar.py --tiny                              # CPU smoke run
@@ -29,6 +33,7 @@ COLUMNS = (
   "open_elsewhere gate budget steps"
 ).split()
 ZOOLOGY_EXAMPLES = 100_000 * 64
+N_LAYERS = 2  # the Zoology grid's depth
 
 
 def grid_list(text: str) -> list[tuple[int, int]]:
@@ -57,17 +62,32 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=4000)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--target_rate", type=float, default=0.15, help="TGN open-rate target")
+  parser.add_argument(
+    "--target_vs_oracle",
+    type=float,
+    default=None,
+    help="TGN open-rate target as this multiple of the oracle's rate at each grid point "
+    "(num_kv / (seq_len * 2 layers)); replaces --target_rate",
+  )
   common.add_control_option(parser)
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
+  parser.add_argument(
+    "--collect",
+    action="store_true",
+    help="train nothing: the table and plot from the runs already finished in --runs_dir",
+  )
   args = parser.parse_args(argv)
   if args.tiny:
     args.grid, args.vocab_size, args.d_models, args.lrs = [(32, 4)], 64, [32], [3e-3]
     args.steps, args.batch_size, args.eval_examples = 30, 16, 32
   runs_dir = common.runs_dir("mqar", args)
 
-  rows = []
+  rows, missing = [], []
   for seq_len, num_kv in args.grid:
+    target_rate = args.target_rate
+    if args.target_vs_oracle is not None:
+      target_rate = round(args.target_vs_oracle * oracle_rate(seq_len, num_kv), 6)
     for d_model in args.d_models:
       for model in args.models:
         reference_gates = [None]
@@ -84,7 +104,7 @@ def main(argv=None):
               vocab_size=args.vocab_size,
               fillers=args.fillers,
               d_model=d_model,
-              n_layers=2,
+              n_layers=N_LAYERS,
               n_heads=max(1, d_model // 64) * 2,
               steps=args.steps,
               batch_size=args.batch_size,
@@ -92,7 +112,7 @@ def main(argv=None):
               eval_examples=args.eval_examples,
               eval_every=max(1, args.steps // 8),
               checkpoint_every=max(1, args.steps // 4),
-              target_rate=args.target_rate,
+              target_rate=target_rate,
             )
             options.update(models.train_options(model))
             name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
@@ -102,13 +122,20 @@ def main(argv=None):
               if args.tiny:  # too few steps for a soft warm-up
                 options["soft_warmup"] = 0
               options["control"] = args.control
-              name += f"_target{args.target_rate:g}" + common.control_suffix(args.control)
+              name += f"_target{target_rate:g}" + common.control_suffix(args.control)
             if gate is not None:  # the learned gate's rates, at its best learning rate
               options.update(reference_gate=gate, target_rate=None, lam=0.0)
               if gate == "random":
                 options["reference_rates"] = [round(r, 4) for r in learned["open_per_layer"]]
               name += f"_{gate}"
-            row = _row(common.train_run(options, runs_dir / name), model, seq_len, num_kv)
+            if args.collect:
+              summary = common.finished_run(options, runs_dir / name)
+              if summary is None:
+                missing.append(name)
+                continue
+            else:
+              summary = common.train_run(options, runs_dir / name)
+            row = _row(summary, model, seq_len, num_kv)
             row.update(
               d_model=d_model,
               lr=lr,
@@ -119,11 +146,22 @@ def main(argv=None):
             print(f"{name}: accuracy {row['accuracy']:.4f} open {row['open_rate']:.3f}", flush=True)
             if best is None or row["accuracy"] > best["accuracy"]:
               best = row
+          if best is None:  # --collect, none of the learning rates finished
+            break
           rows.append(best)
           learned = learned or best
 
   common.print_table(rows, COLUMNS)
-  return common.finish("mqar", args, {"rows": rows}, lambda png: plot(rows, png))
+  results = {"rows": rows}
+  if missing:
+    print(f"not finished in {runs_dir}: {', '.join(missing)}")
+    results["missing_runs"] = missing
+  return common.finish("mqar", args, results, lambda png: plot(rows, png))
+
+
+def oracle_rate(seq_len: int, num_kv: int) -> float:
+  """The oracle gate's open rate, mean over layers: the num_kv queries of the last layer."""
+  return num_kv / (seq_len * N_LAYERS)
 
 
 def _row(summary, model, seq_len, num_kv):

@@ -481,6 +481,24 @@ def test_lm(tmp_path, monkeypatch):
   assert_png(out.with_suffix(".png"))
 
 
+def test_mqar_collect_reads_finished_runs_and_trains_nothing(tmp_path):
+  """A sweep split between processes: each trains its part, --collect builds the table."""
+  runs = tmp_path / "runs"
+  part = ["--models", "tgn", "--target_vs_oracle", "2", "--runs_dir", str(runs)]
+  trained, _ = run(mqar, tmp_path, *part)
+  (row,) = trained["rows"]
+  stored = json.loads((runs / row["run"] / "config.json").read_text())
+  assert stored["thermostat"]["target_rate"] == pytest.approx(2 * 4 / (32 * 2))  # (32, 4)
+  everything = ["--models", "tgn,recurrent", "--target_vs_oracle", "2", "--collect"]
+  collected = mqar.main(
+    ["--tiny", *everything, "--runs_dir", str(runs), "--out", str(tmp_path / "c.json")]
+  )
+  assert [r["run"] for r in collected["rows"]] == [row["run"]]
+  assert collected["rows"][0]["seconds"] == row["seconds"]
+  assert collected["missing_runs"] == ["recurrent_T32_kv4_d32_lr0.003"]
+  assert sorted(p.name for p in runs.iterdir()) == [row["run"]]
+
+
 def test_mqar_reference_gates_at_the_learned_rates(tmp_path):
   results, _ = run(
     mqar,

@@ -570,6 +570,7 @@ def test_oracle_reference_gate_opens_only_at_queries_of_the_last_layer(tmp_path,
       "--reference_gate=oracle",
       "--target_rate=none",
       "--fillers=zero",
+      "--eval_examples=40",  # the last eval batch is padded with 8 unscored rows
       f"--out={out}",
     ],
     capsys,
@@ -579,6 +580,10 @@ def test_oracle_reference_gate_opens_only_at_queries_of_the_last_layer(tmp_path,
   assert final["open_rate_scored"][:-1] == [0.0] and final["open_rate_scored"][-1] == 1.0
   assert final["open_rate_unscored"] == [0.0, 0.0]
   assert abs(np.mean(final["open_rate"]) - final["oracle_open_rate"]) < 1e-6
+  config = json.loads((out / "config.json").read_text())["task"]
+  # The padding rows count nowhere: the oracle opens at the num_kv queries of each real row.
+  expected = config["num_kv"] / config["seq_len"] / 2
+  assert final["oracle_open_rate"] == pytest.approx(expected, rel=1e-6)
   assert "oracle overall" in stdout
 
 

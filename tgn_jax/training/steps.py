@@ -405,18 +405,21 @@ def make_eval_step(
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     is_open = aux.is_open.astype(jnp.float32)  # [L, B, T]
+    # A row with no scored position pads the last eval batch: it counts nowhere.
+    real_row_B = jnp.any(mask > 0, axis=1)
+    real_BT = jnp.broadcast_to(real_row_B[:, None], mask.shape).astype(jnp.float32)
     sums = dict(
       ce=jnp.sum(ce * mask),
       correct=jnp.sum(correct * mask),
       count=jnp.sum(mask),
-      tokens=jnp.float32(mask.size),
-      open=jnp.sum(is_open, axis=(1, 2)),
+      tokens=jnp.sum(real_BT),
+      open=jnp.sum(is_open * real_BT, axis=(1, 2)),
       open_scored=jnp.sum(is_open * mask, axis=(1, 2)),
-      open_unscored=jnp.sum(is_open * (1 - mask), axis=(1, 2)),
+      open_unscored=jnp.sum(is_open * (real_BT - mask), axis=(1, 2)),
     )
     if aux.token_stats is not None:
-      # Observables exist (are not NaN) where attention was computed; padding rows excluded.
-      real_row = jnp.any(mask > 0, axis=1)[None, :, None, None]
+      # Observables exist (are not NaN) where attention was computed.
+      real_row = real_row_B[None, :, None, None]
       stat_mask = jnp.isfinite(aux.token_stats.entropy) & real_row  # [L, B, T, N]
       sums["stats_count"] = jnp.sum(stat_mask, axis=(1, 2, 3)).astype(jnp.float32)
       for name in ("specific_heat", "entropy", "free_energy", "internal_energy"):
