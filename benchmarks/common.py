@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -199,9 +200,10 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   """Trains with tgn_jax's own loop (train.py's options, flat or dotted) into `out`; returns
   its summary.
 
-  A finished run already in `out` is reused, an interrupted one resumed (the run
-  directory's policy: options other than the run section's must match), so a long sweep
-  can be stopped and started again. A run stopped by a signal (Ctrl-C, SIGTERM) stops the
+  A finished run already in `out` is reused, an interrupted one resumed from its last
+  checkpoint (the run directory's policy: options other than the run section's must
+  match) or, stopped before its first, started again, so a long sweep can be stopped and
+  started again. A run stopped by a signal (Ctrl-C, SIGTERM) stops the
   sweep: SystemExit, after its checkpoint is saved.
   """
   from tgn_jax.training import rundir
@@ -214,6 +216,9 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
   run = rundir.RunDir(out)
   quiet = {"run.out": str(out), "run.progress": False, "run.plots": False}
   resume = run.config.exists() and bool(rundir.checkpoint_steps(run.checkpoints))
+  if run.holds_run() and not resume:  # stopped before its first checkpoint: nothing to keep
+    print(f"{out}: stopped before its first checkpoint; starting it again", flush=True)
+    shutil.rmtree(out)
   config = resolve(
     {**options, **quiet, "run.resume": resume}, base=run.stored_config() if resume else None
   )

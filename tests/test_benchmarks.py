@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -404,6 +405,32 @@ def test_a_signal_stops_the_sweep_not_just_its_run(tmp_path, monkeypatch):
   finished = {"interrupted_by": 0, "steps_completed": 10}
   monkeypatch.setattr(loop, "train", lambda config, *rest: finished)
   assert common.train_run({"steps": 10}, tmp_path / "run") is finished
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
+  options = dict(
+    task="mqar",
+    seq_len=32,
+    num_kv=4,
+    vocab_size=64,
+    d_model=32,
+    n_layers=1,
+    steps=6,
+    batch_size=8,
+    eval_examples=16,
+    eval_every=6,
+    checkpoint_every=6,
+    target_rate=None,
+    mixer="recurrent",
+  )
+  run_dir = tmp_path / "run"
+  common.train_run(options, run_dir)
+  # As if killed at step 3: its config and first metrics written, no checkpoint, no summary.
+  shutil.rmtree(run_dir / "checkpoints")
+  (run_dir / "summary.json").unlink()
+  again = common.train_run(options, run_dir)
+  assert again["steps_completed"] == 6
+  assert [r["step"] for r in common.read_records(run_dir, "eval")] == [6]  # one run, not two
 
 
 def test_grokking(tmp_path):
