@@ -2,12 +2,13 @@
 
 The Zoology grid: (seq_len, num_kv) pairs, vocabulary V, 2 layers, each d_model, best of a
 learning-rate sweep per (model, grid point, width). Reported per row: held-out accuracy, the
-measured hard open rate, and where the gate opens (query positions vs elsewhere, mean over
-layers). `--fillers zero` is the Zoology paper's grid (token 0 between the queries);
-`random` fills with random tokens. For the TGN, `--gates` adds the reference gates at the
-same grid point: `oracle` (open exactly at the queries of the last layer) and `random`
-(Bernoulli at the learned gate's per-layer rates). `budget` is the fraction of Zoology's
-training budget (100k examples x 64 epochs) that the steps x batch_size cover.
+measured hard open rate (vs_oracle: as a multiple of the oracle's), and where the gate opens
+(query positions vs elsewhere, mean over layers). `--fillers zero` is the Zoology paper's
+grid (token 0 between the queries); `random` fills with random tokens. For the TGN, `--gates`
+adds the reference gates at the same grid point: `oracle` (open exactly at the queries of the
+last layer) and `random` (Bernoulli at the learned gate's per-layer rates). `budget` is the
+fraction of Zoology's training budget (100k examples x 64 epochs) that steps x batch_size
+cover.
 
 A sweep can be split between processes (each with a part of the grid, the same
 --runs_dir) and its table and plot built afterwards from the finished runs alone:
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, models
 
 COLUMNS = (
-  "model seq_len num_kv d_model lr accuracy open_rate open_at_queries "
+  "model seq_len num_kv d_model lr target accuracy open_rate vs_oracle open_at_queries "
   "open_elsewhere gate budget steps"
 ).split()
 ZOOLOGY_EXAMPLES = 100_000 * 64
@@ -61,7 +62,13 @@ def main(argv=None):
   models.add_option(parser, models.TRAINED)
   parser.add_argument("--steps", type=int, default=4000)
   parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--target_rate", type=float, default=0.15, help="TGN open-rate target")
+  parser.add_argument(
+    "--target_rate",
+    type=common.float_list,
+    default=[0.15],
+    help="TGN open-rate targets (comma-separated: one run each, and an accuracy against "
+    "open rate panel)",
+  )
   parser.add_argument(
     "--target_vs_oracle",
     type=float,
@@ -85,14 +92,11 @@ def main(argv=None):
 
   rows, missing = [], []
   for seq_len, num_kv in args.grid:
-    target_rate = args.target_rate
+    targets = args.target_rate
     if args.target_vs_oracle is not None:
-      target_rate = round(args.target_vs_oracle * oracle_rate(seq_len, num_kv), 6)
+      targets = [round(args.target_vs_oracle * oracle_rate(seq_len, num_kv), 6)]
     for d_model in args.d_models:
-      for model in args.models:
-        reference_gates = [None]
-        if models.MODELS[model].thermostat:
-          reference_gates += [g for g in args.gates if g in ("oracle", "random")]
+      for model, target_rate, reference_gates in _runs(args.models, targets, args.gates):
         learned = None
         for gate in reference_gates:
           best = None
@@ -122,7 +126,8 @@ def main(argv=None):
               if args.tiny:  # too few steps for a soft warm-up
                 options["soft_warmup"] = 0
               options["control"] = args.control
-              name += f"_target{target_rate:g}" + common.control_suffix(args.control)
+              if gate != "oracle":  # the oracle has no target: one run for them all
+                name += f"_target{target_rate:g}" + common.control_suffix(args.control)
             if gate is not None:  # the learned gate's rates, at its best learning rate
               options.update(reference_gate=gate, target_rate=None, lam=0.0)
               if gate == "random":
@@ -139,6 +144,7 @@ def main(argv=None):
             row.update(
               d_model=d_model,
               lr=lr,
+              target=None if gate == "oracle" else target_rate,
               gate=gate or "learned",
               run=name,
               budget=args.steps * args.batch_size / ZOOLOGY_EXAMPLES,
@@ -164,14 +170,29 @@ def oracle_rate(seq_len: int, num_kv: int) -> float:
   return num_kv / (seq_len * N_LAYERS)
 
 
+def _runs(model_names, targets, gates):
+  """(model, target rate, gates) in training order: the TGN once per target with the learned
+  gate (None), then the reference gates asked for, the oracle at the first target only; the
+  other models once, without a target."""
+  for model in model_names:
+    if not models.MODELS[model].thermostat:
+      yield model, None, [None]
+      continue
+    for index, target in enumerate(targets):
+      reference = [g for g in gates if g == "random" or (g == "oracle" and index == 0)]
+      yield model, target, [None] + reference
+
+
 def _row(summary, model, seq_len, num_kv):
   final = summary["final"]
+  open_rate, oracle = final.get("eval_gate_hard"), final.get("oracle_open_rate")
   return dict(
     model=model,
     seq_len=seq_len,
     num_kv=num_kv,
     accuracy=final.get("eval_accuracy"),
-    open_rate=final.get("eval_gate_hard"),
+    open_rate=open_rate,
+    vs_oracle=open_rate / oracle if open_rate is not None and oracle else None,
     open_at_queries=_mean(final.get("open_rate_scored")),
     open_elsewhere=_mean(final.get("open_rate_unscored")),
     open_per_layer=final.get("open_rate"),
@@ -179,6 +200,7 @@ def _row(summary, model, seq_len, num_kv):
     lam=summary["lam"],
     steps=summary["steps_completed"],
     seconds=summary["wall_seconds"],
+    device=summary.get("env", {}).get("device"),  # where it trained (--collect runs anywhere)
   )
 
 
@@ -187,6 +209,10 @@ def _mean(values):
 
 
 def plot(rows, path):
+  """Accuracy and open rate against sequence length; with several targets, accuracy
+  against open rate instead (a line per gate and grid point, the oracle a single point)."""
+  if len({r.get("target") for r in rows} - {None}) > 1:
+    return _plot_curve(rows, path)
   groups = [
     (model, d_model)
     for model in sorted({r["model"] for r in rows})
@@ -221,12 +247,31 @@ def plot(rows, path):
     )
     common.plot_lines(
       ax_gate,
-      lines("open_rate", lambda model: models.MODELS[model].thermostat),
+      lines("vs_oracle", lambda model: models.MODELS[model].thermostat),
       colors,
       xscale="log",
       xlabel="sequence length",
-      ylabel="hard open rate",
-      title="TGN open-gate rate",
+      ylabel="hard open rate / the oracle's",
+      title="TGN open rate, in units of the oracle's",
+    )
+
+
+def _plot_curve(rows, path):
+  several = len({(r["seq_len"], r["num_kv"], r["d_model"]) for r in rows}) > 1
+  lines = {}
+  for r in rows:
+    label = r["model"] if r["model"] != "tgn" else f"tgn, {r['gate']} gate"
+    if several:
+      label += f" ({r['seq_len']}:{r['num_kv']}, d={r['d_model']})"
+    lines.setdefault(label, []).append((r["open_rate"], r["accuracy"]))
+  with common.figure(path, figsize=(5.5, 4)) as fig:
+    common.plot_lines(
+      fig.subplots(),
+      lines,
+      xlabel="held-out open rate (mean over layers)",
+      ylabel="held-out accuracy",
+      ylim=(0, 1.02),
+      title="MQAR: accuracy against open rate",
     )
 
 

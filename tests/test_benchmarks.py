@@ -526,6 +526,23 @@ def test_mqar_collect_reads_finished_runs_and_trains_nothing(tmp_path):
   assert sorted(p.name for p in runs.iterdir()) == [row["run"]]
 
 
+def test_mqar_curve_over_targets_trains_the_oracle_once(tmp_path):
+  options = ["--models", "tgn", "--target_rate", "0.2,0.4", "--gates", "learned,oracle,random"]
+  results, out = run(mqar, tmp_path, *options, "--runs_dir", str(tmp_path / "runs"))
+  pairs = [(r["gate"], r["target"]) for r in results["rows"]]
+  assert pairs == [("learned", 0.2), ("oracle", None), ("random", 0.2)] + [
+    ("learned", 0.4),
+    ("random", 0.4),
+  ]
+  learned_04, random_04 = results["rows"][3:]
+  stored = json.loads((tmp_path / "runs" / random_04["run"] / "config.json").read_text())
+  assert stored["ablation"]["reference_rates"] == pytest.approx(
+    learned_04["open_per_layer"], abs=1e-4
+  )
+  assert len(list((tmp_path / "runs").iterdir())) == 5
+  assert_png(out.with_suffix(".png"))
+
+
 def test_mqar_reference_gates_at_the_learned_rates(tmp_path):
   results, _ = run(
     mqar,
