@@ -232,8 +232,9 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def finished_run(options: dict[str, Any], out: Path) -> dict[str, Any] | None:
-  """The summary of the finished run in `out`, None where there is none yet; ConfigError
-  if `out` holds a run with other options."""
+  """The summary of the finished run in `out`, None where there is none yet (or it ran to
+  another number of steps: resuming it goes on to the steps asked for); ConfigError if
+  `out` holds a run with other options."""
   from tgn_jax.training import rundir
   from tgn_jax.training.config import ConfigError
 
@@ -244,7 +245,11 @@ def finished_run(options: dict[str, Any], out: Path) -> dict[str, Any] | None:
     rundir.check_resume_changes(run.stored_config(), options)
   except ConfigError as e:
     raise ConfigError(f"{out} holds a run with other options: {e}") from None
-  return run.read_summary() if run.finished() else None
+  summary = run.read_summary() if run.finished() else None
+  steps = options.get("steps", options.get("run.steps"))
+  if summary is not None and steps is not None and summary["steps_requested"] != steps:
+    return None
+  return summary
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:

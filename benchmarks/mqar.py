@@ -90,6 +90,8 @@ def main(argv=None):
     args.steps, args.batch_size, args.eval_examples = 30, 16, 32
   runs_dir = common.runs_dir("mqar", args)
 
+  from tgn_jax.training.config import ConfigError
+
   rows, missing = [], []
   for seq_len, num_kv in args.grid:
     targets = args.target_rate
@@ -97,44 +99,20 @@ def main(argv=None):
       targets = [round(args.target_vs_oracle * oracle_rate(seq_len, num_kv), 6)]
     for d_model in args.d_models:
       for model, target_rate, reference_gates in _runs(args.models, targets, args.gates):
+        point = dict(model=model, seq_len=seq_len, num_kv=num_kv, d_model=d_model)
         learned = None
         for gate in reference_gates:
           best = None
           for lr in args.lrs:
-            options = dict(
-              task="mqar",
-              seq_len=seq_len,
-              num_kv=num_kv,
-              vocab_size=args.vocab_size,
-              fillers=args.fillers,
-              d_model=d_model,
-              n_layers=N_LAYERS,
-              n_heads=max(1, d_model // 64) * 2,
-              steps=args.steps,
-              batch_size=args.batch_size,
-              lr=lr,
-              eval_examples=args.eval_examples,
-              eval_every=max(1, args.steps // 8),
-              checkpoint_every=max(1, args.steps // 4),
-              target_rate=target_rate,
+            rates = learned and learned["open_per_layer"]
+            options, name = _run(
+              args, **point, lr=lr, target_rate=target_rate, gate=gate, rates=rates
             )
-            options.update(models.train_options(model))
-            name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
-            if args.fillers != "random":
-              name += f"_{args.fillers}"
-            if models.MODELS[model].thermostat:
-              if args.tiny:  # too few steps for a soft warm-up
-                options["soft_warmup"] = 0
-              options["control"] = args.control
-              if gate != "oracle":  # the oracle has no target: one run for them all
-                name += f"_target{target_rate:g}" + common.control_suffix(args.control)
-            if gate is not None:  # the learned gate's rates, at its best learning rate
-              options.update(reference_gate=gate, target_rate=None, lam=0.0)
-              if gate == "random":
-                options["reference_rates"] = [round(r, 4) for r in learned["open_per_layer"]]
-              name += f"_{gate}"
             if args.collect:
-              summary = common.finished_run(options, runs_dir / name)
+              try:
+                summary = common.finished_run(options, runs_dir / name)
+              except ConfigError:  # say, a random gate trained at other learned rates
+                summary, name = None, name + " (other options)"
               if summary is None:
                 missing.append(name)
                 continue
@@ -152,8 +130,15 @@ def main(argv=None):
             print(f"{name}: accuracy {row['accuracy']:.4f} open {row['open_rate']:.3f}", flush=True)
             if best is None or row["accuracy"] > best["accuracy"]:
               best = row
-          if best is None:  # --collect, none of the learning rates finished
-            break
+          if best is None:  # --collect: none of its learning rates finished
+            if gate is None:  # the reference gates need the learned gate's rates
+              missing += [
+                _run(args, **point, lr=lr, target_rate=target_rate, gate=g, rates=None)[1]
+                for g in reference_gates[1:]
+                for lr in args.lrs
+              ]
+              break
+            continue
           rows.append(best)
           learned = learned or best
 
@@ -162,7 +147,47 @@ def main(argv=None):
   if missing:
     print(f"not finished in {runs_dir}: {', '.join(missing)}")
     results["missing_runs"] = missing
-  return common.finish("mqar", args, results, lambda png: plot(rows, png))
+  curve = args.target_vs_oracle is None and len(args.target_rate) > 1
+  return common.finish("mqar", args, results, lambda png: plot(rows, png, curve))
+
+
+def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
+  """train.py options and run name of one run. gate: None (learned), "oracle" or "random";
+  rates: the learned gate's per-layer open rates (the random gate's; None: name only)."""
+  options = dict(
+    task="mqar",
+    seq_len=seq_len,
+    num_kv=num_kv,
+    vocab_size=args.vocab_size,
+    fillers=args.fillers,
+    d_model=d_model,
+    n_layers=N_LAYERS,
+    n_heads=max(1, d_model // 64) * 2,
+    steps=args.steps,
+    batch_size=args.batch_size,
+    lr=lr,
+    eval_examples=args.eval_examples,
+    eval_every=max(1, args.steps // 8),
+    checkpoint_every=max(1, args.steps // 4),
+    target_rate=target_rate,
+  )
+  options.update(models.train_options(model))
+  name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
+  if args.fillers != "random":
+    name += f"_{args.fillers}"
+  if models.MODELS[model].thermostat:
+    if args.tiny:  # too few steps for a soft warm-up
+      options["soft_warmup"] = 0
+    options["control"] = args.control
+    if gate != "oracle":  # the oracle has no target: one run for them all
+      name += f"_target{target_rate:g}"
+    name += common.control_suffix(args.control)
+  if gate is not None:
+    options.update(reference_gate=gate, target_rate=None, lam=0.0)
+    if gate == "random" and rates is not None:
+      options["reference_rates"] = [round(r, 4) for r in rates]
+    name += f"_{gate}"
+  return options, name
 
 
 def oracle_rate(seq_len: int, num_kv: int) -> float:
@@ -208,10 +233,10 @@ def _mean(values):
   return None if not values else float(np.mean(values))
 
 
-def plot(rows, path):
-  """Accuracy and open rate against sequence length; with several targets, accuracy
+def plot(rows, path, curve=False):
+  """Accuracy and open rate against sequence length; curve (several targets): accuracy
   against open rate instead (a line per gate and grid point, the oracle a single point)."""
-  if len({r.get("target") for r in rows} - {None}) > 1:
+  if curve:
     return _plot_curve(rows, path)
   groups = [
     (model, d_model)
@@ -257,7 +282,9 @@ def plot(rows, path):
 
 
 def _plot_curve(rows, path):
-  several = len({(r["seq_len"], r["num_kv"], r["d_model"]) for r in rows}) > 1
+  points = {(r["seq_len"], r["num_kv"], r["d_model"]) for r in rows}
+  several = len(points) > 1
+  where = "".join(f" ({t}:{kv}, d={d})" for t, kv, d in points) if len(points) == 1 else ""
   lines = {}
   for r in rows:
     label = r["model"] if r["model"] != "tgn" else f"tgn, {r['gate']} gate"
@@ -271,7 +298,7 @@ def _plot_curve(rows, path):
       xlabel="held-out open rate (mean over layers)",
       ylabel="held-out accuracy",
       ylim=(0, 1.02),
-      title="MQAR: accuracy against open rate",
+      title="MQAR: accuracy against open rate" + where,
     )
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The quality grids sized for a GPU. The models are small (2 layers, d_model <= 128), so one
 # training process leaves most of a GPU idle: the runs go to JOBS processes at once, most
-# important first, all sharing the GPU. At LIMIT_S the unfinished runs stop (the same
-# command resumes them from their checkpoints; finished runs are reused), then each table
+# important first, all sharing the GPU. At LIMIT_S the unfinished runs stop, within 30 s
+# (the same command resumes them from their checkpoints; finished runs are reused; a run
+# stopped before its first checkpoint starts again), then each table
 # is collected from the finished runs alone (`mqar.py --collect` lists the missing ones).
 # The log is DEST/log.txt; tables, plots and the runs' metrics (no checkpoints) are packed
 # into DEST/results.tar. On an H100 with 14 jobs at once a run takes 170-320 s (about 20
@@ -12,7 +13,8 @@
 #   bash benchmarks/run_gpu_quality.sh DEST [LIMIT_S] [JOBS]     # from the repository root
 #
 # MQAR_OPTIONS (say "--steps 20 --eval_examples 64") is added to every mqar.py command: a
-# smoke test of the whole script on a CPU.
+# smoke test of the whole script on a CPU, writing under DEST/results instead of
+# benchmarks/results.
 set -u
 dest=${1:?usage: bash benchmarks/run_gpu_quality.sh DEST [LIMIT_S] [JOBS]}
 limit=${2:-450}
@@ -26,6 +28,8 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/tgn_jax_compi
 py=${PYTHON:-python3}
 log=$dest/log.txt
 res=benchmarks/results
+[ -n "${MQAR_OPTIONS:-}" ] && res=$dest/results
+mkdir -p "$res"
 mqar() { $py benchmarks/mqar.py "$@" ${MQAR_OPTIONS:-}; }
 
 # The Zoology grid with zero fillers, V = 8192: TGN at 1.25x the oracle's open rate,
@@ -60,19 +64,24 @@ mkdir -p "$work/logs"
   done
 } | nl -w3 -nrz -s' ' >"$work/queue.txt"
 
+# Each job stops at the deadline (SIGTERM: its run saves a checkpoint; SIGKILL 30 s later);
+# a job not started by then is skipped, so xargs returns only when every process is gone.
+deadline=$(($(date +%s) + limit))
 job() {  # job INDEX MQAR_OPTIONS...
-  local index=$1
+  local index=$1 left=$((deadline - $(date +%s)))
   shift
-  mqar "$@" --out "$work/part$index.json" >"$work/logs/job$index.log" 2>&1 ||
+  [ "$left" -gt 0 ] || return 0
+  # python is timeout's own child, so the job ends only when its training process has.
+  timeout -k 30 "$left" $py benchmarks/mqar.py "$@" ${MQAR_OPTIONS:-} \
+    --out "$work/part$index.json" >"$work/logs/job$index.log" 2>&1 ||
     echo "job $index failed or was stopped: $*"
 }
-export -f job mqar
-export py work
+export -f job
+export py work deadline MQAR_OPTIONS
 echo "### $(date -u +%T) $(wc -l <"$work/queue.txt") jobs, $jobs at a time, limit ${limit}s" |
   tee -a "$log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
-timeout -k 10 "$limit" xargs -P "$jobs" -L 1 bash -c 'job "$@"' _ <"$work/queue.txt" 2>&1 |
-  tee -a "$log"
+xargs -P "$jobs" -L 1 bash -c 'job "$@"' _ <"$work/queue.txt" 2>&1 | tee -a "$log"
 echo "### $(date -u +%T) training stopped (exit ${PIPESTATUS[0]}); collecting" | tee -a "$log"
 
 mqar $curve --target_rate "$(echo $curve_targets | tr ' ' ,)" --gates learned,oracle,random \
@@ -85,4 +94,5 @@ cp "$work/queue.txt" "$work/logs/"
 tar -cf "$dest/results.tar" -C "$work" logs
 made=$(cd "$res" && ls -d mqar_zoology_zero.* mqar_curve128_random.* mqar_{zoology,curve128}_runs)
 tar -rf "$dest/results.tar" --exclude=checkpoints -C "$res" $made
+rm -rf "$work"
 echo "### $(date -u +%T) done" | tee -a "$log"

@@ -431,6 +431,9 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
   again = common.train_run(options, run_dir)
   assert again["steps_completed"] == 6
   assert [r["step"] for r in common.read_records(run_dir, "eval")] == [6]  # one run, not two
+  # A finished run of other length is not the run asked for.
+  assert common.finished_run(options, run_dir)["wall_seconds"] == again["wall_seconds"]
+  assert common.finished_run({**options, "steps": 12}, run_dir) is None
 
 
 def test_grokking(tmp_path):
@@ -516,14 +519,18 @@ def test_mqar_collect_reads_finished_runs_and_trains_nothing(tmp_path):
   (row,) = trained["rows"]
   stored = json.loads((runs / row["run"] / "config.json").read_text())
   assert stored["thermostat"]["target_rate"] == pytest.approx(2 * 4 / (32 * 2))  # (32, 4)
-  everything = ["--models", "tgn,recurrent", "--target_vs_oracle", "2", "--collect"]
-  collected = mqar.main(
-    ["--tiny", *everything, "--runs_dir", str(runs), "--out", str(tmp_path / "c.json")]
-  )
+  everything = ["--models", "tgn,recurrent", "--gates", "learned,random", "--collect"]
+  collect = ["--tiny", *everything, "--runs_dir", str(runs), "--out", str(tmp_path / "c.json")]
+  collected = mqar.main([*collect, "--target_vs_oracle", "2"])
   assert [r["run"] for r in collected["rows"]] == [row["run"]]
   assert collected["rows"][0]["seconds"] == row["seconds"]
-  assert collected["missing_runs"] == ["recurrent_T32_kv4_d32_lr0.003"]
+  assert collected["missing_runs"] == [row["run"] + "_random", "recurrent_T32_kv4_d32_lr0.003"]
   assert sorted(p.name for p in runs.iterdir()) == [row["run"]]
+  # Without the learned run, the reference gates it sets are listed as missing too.
+  other = mqar.main([*collect, "--target_vs_oracle", "3"])["missing_runs"]
+  assert other[:2] == [
+    f"tgn_T32_kv4_d32_lr0.003_target{3 * 4 / 64:g}_quantile" + s for s in ("", "_random")
+  ]
 
 
 def test_mqar_curve_over_targets_trains_the_oracle_once(tmp_path):
