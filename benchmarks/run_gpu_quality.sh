@@ -18,7 +18,7 @@
 set -u
 dest=${1:?usage: bash benchmarks/run_gpu_quality.sh DEST [LIMIT_S] [JOBS]}
 limit=${2:-450}
-jobs=${3:-12}
+jobs=${3:-14}
 mkdir -p "$dest"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # many processes share one GPU
