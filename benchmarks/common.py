@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -234,7 +235,8 @@ def train_run(options: dict[str, Any], out: Path) -> dict[str, Any]:
 def finished_run(options: dict[str, Any], out: Path) -> dict[str, Any] | None:
   """The summary of the finished run in `out`, None where there is none yet (or it ran to
   another number of steps: resuming it goes on to the steps asked for); ConfigError if
-  `out` holds a run with other options."""
+  `out` holds a run with other options, or one these options would no longer train (a
+  default changed since)."""
   from tgn_jax.training import rundir
   from tgn_jax.training.config import ConfigError
 
@@ -246,10 +248,39 @@ def finished_run(options: dict[str, Any], out: Path) -> dict[str, Any] | None:
   except ConfigError as e:
     raise ConfigError(f"{out} holds a run with other options: {e}") from None
   summary = run.read_summary() if run.finished() else None
+  changed = _default_changed(run.stored_config(), summary, options)
+  if changed:
+    raise ConfigError(
+      f"{out} was trained with {changed}: a default changed since; move the directory away "
+      "to train the run again"
+    )
   steps = options.get("steps", options.get("run.steps"))
   if summary is not None and steps is not None and summary["steps_requested"] != steps:
     return None
   return summary
+
+
+def _default_changed(stored: dict[str, Any], summary: dict[str, Any] | None, options) -> str:
+  """'path = old (now new)' for the first setting, outside the run section, in which the
+  stored run differs from what `options` train today (with the model's resolved fields from
+  the summary, where the run finished); '' where none does."""
+  import dataclasses
+
+  from tgn_jax.training.config import flatten, resolve
+
+  now = resolve(options)
+  pairs = [(flatten(stored), flatten(now.to_dict()))]
+  if summary is not None and "model_config" in summary:
+    trained = summary["model_config"]
+    model = dataclasses.asdict(now.model_config(trained["vocab_size"], trained["max_seq_len"]))
+    pairs.append(tuple({f"model.{k}": v for k, v in c.items()} for c in (trained, model)))
+  for old, new in pairs:
+    for path, value in new.items():
+      if path.startswith("run.") or path not in old:
+        continue
+      if json.loads(json.dumps(old[path])) != json.loads(json.dumps(value)):
+        return f"{path} = {old[path]!r} (now {value!r})"
+  return ""
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:

@@ -434,6 +434,20 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
   # A finished run of other length is not the run asked for.
   assert common.finished_run(options, run_dir)["wall_seconds"] == again["wall_seconds"]
   assert common.finished_run({**options, "steps": 12}, run_dir) is None
+  # A run trained under other defaults is never taken for the run these options train now.
+  changes = (
+    ("summary.json", "model_config", "gate_gradient", "sigmoid", "model.gate_gradient"),
+    ("config.json", "optimizer", "b2", 0.5, "optimizer.b2"),
+  )
+  for file, section, field, old_default, path in changes:
+    text = (run_dir / file).read_text()
+    stored = json.loads(text)
+    stored[section][field] = old_default
+    (run_dir / file).write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=f"{path} = .* a default changed"):
+      common.finished_run(options, run_dir)
+    (run_dir / file).write_text(text)
+  assert common.finished_run(options, run_dir) is not None
 
 
 def test_grokking(tmp_path):
