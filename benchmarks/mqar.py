@@ -21,6 +21,7 @@ A sweep can be split between processes (each with a part of the grid, the same
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def main(argv=None):
     "(num_kv / (seq_len * 2 layers)); replaces --target_rate",
   )
   common.add_control_option(parser)
+  parser.add_argument(
+    "--learned_positions",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="every model adds learned absolute positions to its token embeddings (the mqar "
+    "preset; off: RoPE alone, run names end in _rope)",
+  )
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
   parser.add_argument(
@@ -171,10 +179,13 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
     checkpoint_every=max(1, args.steps // 4),
     target_rate=target_rate,
   )
+  options["model.learned_positions"] = args.learned_positions
   options.update(models.train_options(model))
   name = f"{model}_T{seq_len}_kv{num_kv}_d{d_model}_lr{lr:g}"
   if args.fillers != "random":
     name += f"_{args.fillers}"
+  if not args.learned_positions:
+    name += "_rope"
   if models.MODELS[model].thermostat:
     if args.tiny:  # too few steps for a soft warm-up
       options["soft_warmup"] = 0

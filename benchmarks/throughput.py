@@ -129,6 +129,8 @@ def measure(name: str, seq_len: int, args, mesh=None) -> dict:
         target_rate=None,
         lr=LEARNING_RATE,
         warmup_steps=0,
+        # the library's architecture (RoPE), not the mqar preset's learned positions
+        **{"model.learned_positions": False},
       )
     )
     model_config = train_config.model_config(vocab_size=args.vocab, max_seq_len=seq_len).replace(

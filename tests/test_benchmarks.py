@@ -564,6 +564,17 @@ def test_mqar_curve_over_targets_trains_the_oracle_once(tmp_path):
   assert_png(out.with_suffix(".png"))
 
 
+def test_mqar_without_learned_positions_is_a_run_of_its_own(tmp_path):
+  runs = tmp_path / "runs"
+  results, _ = run(
+    mqar, tmp_path, "--models", "recurrent", "--no-learned_positions", "--runs_dir", str(runs)
+  )
+  (row,) = results["rows"]
+  assert row["run"] == "recurrent_T32_kv4_d32_lr0.003_rope"
+  stored = json.loads((runs / row["run"] / "config.json").read_text())
+  assert stored["model"]["learned_positions"] is False
+
+
 def test_mqar_reference_gates_at_the_learned_rates(tmp_path):
   results, _ = run(
     mqar,

@@ -592,6 +592,12 @@ def test_random_reference_gate_needs_a_rate_per_layer(capsys):
   assert code == 2 and "--reference_rates must give a rate" in err
 
 
+def test_mqar_preset_gives_the_model_absolute_positions():
+  c = resolve({})
+  assert c.task.name == "mqar" and c.model_config(64, 32).learned_positions
+  assert not resolve({"model.learned_positions": False}).model_config(64, 32).learned_positions
+
+
 def test_modadd_preset_is_the_nanda_recipe():
   c = resolve({"task": "modadd"})
   model = c.model_config(vocab_size=114, max_seq_len=3)

@@ -342,7 +342,9 @@ class TrainConfig:
 
 # Settings that make each task train sensibly out of the box (nested, like a --config file).
 PRESETS: dict[str, dict[str, Any]] = {
-  "mqar": {"model": dict(d_model=64, n_layers=2, n_heads=2)},
+  # Absolute positions let the gate tell a query that directly follows the key-value context
+  # from a key of the context (both are a key token after a value token).
+  "mqar": {"model": dict(d_model=64, n_layers=2, n_heads=2, learned_positions=True)},
   # Nanda et al. 2023, "Progress measures for grokking": p = 113, one layer, d_model 128, 4
   # heads, d_mlp 512, ReLU, no normalisation, learned positions, no gradient clipping, AdamW
   # lr 1e-3, weight decay 1, betas (0.9, 0.98), full batch, 30% of the pairs for training,
