@@ -243,12 +243,13 @@ def finished_run(options: dict[str, Any], out: Path) -> dict[str, Any] | None:
   run = rundir.RunDir(out)
   if not run.config.exists():
     return None
+  stored = run.stored_config()
   try:
-    rundir.check_resume_changes(run.stored_config(), options)
+    rundir.check_resume_changes(stored, options)
   except ConfigError as e:
     raise ConfigError(f"{out} holds a run with other options: {e}") from None
   summary = run.read_summary() if run.finished() else None
-  changed = _default_changed(run.stored_config(), summary, options)
+  changed = _default_changed(stored, summary, options)
   if changed:
     raise ConfigError(
       f"{out} was trained with {changed}: a default changed since; move the directory away "
