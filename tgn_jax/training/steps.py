@@ -34,10 +34,6 @@ from tgn_jax.ops.gate import CapacityLadder
 from tgn_jax.training import sharding
 from tgn_jax.training.config import TrainConfig
 
-# apply_if_finite would apply a non-finite update after this many skips; the training
-# loop stops long before (TrainConfig.max_nonfinite), so parameters never become NaN.
-_NEVER = 2**30
-
 
 class TrainState(NamedTuple):
   params: Any  # nnx.State of the model
@@ -47,6 +43,8 @@ class TrainState(NamedTuple):
   routing_needs: jax.Array  # float32 [CapacityLadder.WINDOW]: the routing capacity the last
   # steps needed, -1-padded; the ladder's memory, checkpointed so
   # that a resumed run picks the capacities it would have
+  skipped_in_a_row: jax.Array  # int32 scalar: non-finite steps since the last finite one
+  skipped_total: jax.Array  # int32 scalar: non-finite steps of the run
 
 
 class StepControls(NamedTuple):
@@ -66,15 +64,15 @@ class StepControls(NamedTuple):
 
 def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
   """optax's AdamW without its learning-rate scaling (applied by the step from its controls),
-  after global-norm clipping (none with clip_norm None); non-finite updates are skipped and
-  counted."""
+  after global-norm clipping (none with clip_norm None). The step skips non-finite updates
+  itself, with a select: optax.apply_if_finite's lax.cond would be an XLA conditional, a
+  host round trip on a GPU, in every step."""
   clip = c.optimizer.clip_norm
-  inner = optax.chain(
+  return optax.chain(
     optax.identity() if clip is None else optax.clip_by_global_norm(clip),
     optax.scale_by_adam(b1=c.optimizer.b1, b2=c.optimizer.b2),
     optax.add_decayed_weights(c.optimizer.weight_decay),
   )
-  return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
 
 
 def learning_rate_schedule(c: TrainConfig) -> optax.Schedule:
@@ -178,6 +176,8 @@ def init_state(
       lam=jnp.float32(c.thermostat.lam),
       step=jnp.int32(0),
       routing_needs=routing_needs(()),
+      skipped_in_a_row=jnp.int32(0),
+      skipped_total=jnp.int32(0),
     )
 
   shardings = None
@@ -290,6 +290,14 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: -controls.lr * u, updates)  # AdamW's learning-rate step
     params = optax.apply_updates(state.params, updates)
+    # A non-finite step is skipped: a select, fused into the update.
+    params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (params, opt_state),
+      (state.params, state.opt_state),
+    )
+    skipped_in_a_row = jnp.where(finite, 0, state.skipped_in_a_row + 1).astype(jnp.int32)
+    skipped_total = state.skipped_total + (~finite).astype(jnp.int32)
     new_lam = state.lam
     if gated:
       # The offsets are not the optimizer's (no gradient; any update it made is replaced).
@@ -324,10 +332,18 @@ def make_train_step(
       lr=controls.lr,
       grad_norm=grad_norm,
       finite=finite.astype(jnp.float32),
-      skipped_total=opt_state.total_notfinite,
-      skipped_in_a_row=opt_state.notfinite_count,
+      skipped_total=skipped_total,
+      skipped_in_a_row=skipped_in_a_row,
     )
-    new_state = TrainState(params, opt_state, new_lam, state.step + 1, state.routing_needs)
+    new_state = TrainState(
+      params,
+      opt_state,
+      new_lam,
+      state.step + 1,
+      state.routing_needs,
+      skipped_in_a_row,
+      skipped_total,
+    )
     if routed:  # an overflowing step is void: a select, fused into the update
       keep = metrics["overflow"] > 0
       new_state = jax.tree.map(lambda new, old: jnp.where(keep, old, new), new_state, state)
