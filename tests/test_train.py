@@ -231,23 +231,30 @@ def test_kv_open_run_learns(tmp_path, capsys):
   assert final["eval_accuracy"] > 10 / 32, final  # chance: one of 32 values
 
 
+def one_train_step(flags, seq_len):
+  """The compiled train step of a d_model 32 model over V = 64 with its initial state, one
+  random batch of 4 rows and the controls of step 0, for train.py's `flags` (a string)."""
+  from tgn_jax.training import steps
+
+  argv = f"--seq_len={seq_len} --d_model=32 --batch_size=4 {flags}".split()
+  config = resolve(vars(cli.build_parser().parse_args(argv)))
+  model_config = config.model_config(vocab_size=64, max_seq_len=seq_len)
+  optimizer = steps.make_optimizer(config)
+  model_def, state, _ = steps.init_state(model_config, config, optimizer)
+  step = steps.make_train_step(model_def, model_config, optimizer)
+  tokens = jax.random.randint(jax.random.key(0), (4, seq_len + 1), 0, 64)
+  batch = (tokens[:, :-1], tokens[:, 1:], np.ones((4, seq_len), np.float32))
+  return model_config, state, step, batch, steps.make_controls(config)(0)
+
+
 def test_overflowing_step_changes_nothing_and_is_redone():
   import jax
 
   from tgn_jax.ops.gate import CapacityLadder
   from tgn_jax.training import steps
 
-  flags = "--seq_len=64 --segment_len=64 --capacity_multiple=1 --d_model=32 --batch_size=4 "
-  config = resolve(
-    vars(cli.build_parser().parse_args((flags + "--gate_bias_init=2.0 --warmup_steps=0").split()))
-  )
-  model_config = config.model_config(vocab_size=64, max_seq_len=64)
-  optimizer = steps.make_optimizer(config)
-  model_def, state, _ = steps.init_state(model_config, config, optimizer)
-  step = steps.make_train_step(model_def, model_config, optimizer)
-  tokens = jax.random.randint(jax.random.key(0), (4, 65), 0, 64)
-  batch = (tokens[:, :-1], tokens[:, 1:], np.ones((4, 64), np.float32))
-  controls = steps.make_controls(config)(0)
+  flags = "--segment_len=64 --capacity_multiple=1 --gate_bias_init=2.0 --warmup_steps=0"
+  model_config, state, step, batch, controls = one_train_step(flags, seq_len=64)
   after, metrics = step(state, controls, *batch, 0.25)  # gate bias +2: most tokens open
   assert metrics["overflow"] == 1.0 and float(metrics["capacity_needed"]) > 0.25
   for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
@@ -266,17 +273,7 @@ def test_non_finite_step_is_skipped_by_a_select_and_counted():
   """A step with a NaN loss leaves the parameters and the optimizer's state as they were and
   is counted; a finite step after it resets the count in a row. The compiled step holds no
   XLA conditional (on a GPU each one is a host round trip)."""
-  from tgn_jax.training import steps
-
-  flags = "--seq_len=32 --d_model=32 --batch_size=4 --warmup_steps=0 --soft_warmup=0"
-  config = resolve(vars(cli.build_parser().parse_args(flags.split())))
-  model_config = config.model_config(vocab_size=64, max_seq_len=32)
-  optimizer = steps.make_optimizer(config)
-  model_def, state, _ = steps.init_state(model_config, config, optimizer)
-  step = steps.make_train_step(model_def, model_config, optimizer)
-  tokens = jax.random.randint(jax.random.key(0), (4, 33), 0, 64)
-  batch = (tokens[:, :-1], tokens[:, 1:], np.ones((4, 32), np.float32))
-  controls = steps.make_controls(config)(0)
+  _, state, step, batch, controls = one_train_step("--warmup_steps=0 --soft_warmup=0", seq_len=32)
   hlo = step.lower(state, controls, *batch, 1.0).compile().as_text()
   assert hlo.count(" conditional(") == 0
 
