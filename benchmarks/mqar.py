@@ -85,6 +85,13 @@ def main(argv=None):
     help="every model adds learned absolute positions to its token embeddings (the mqar "
     "preset; off: RoPE alone, run names end in _rope)",
   )
+  parser.add_argument(
+    "--soft_warmup",
+    type=int,
+    default=None,
+    help="TGN: steps trained with the soft gate before it hardens (default: train.py's, a "
+    "third of the steps; given: run names end in _softN)",
+  )
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
   parser.add_argument(
@@ -156,7 +163,7 @@ def main(argv=None):
     print(f"not finished in {runs_dir}: {', '.join(missing)}")
     results["missing_runs"] = missing
   curve = args.target_vs_oracle is None and len(args.target_rate) > 1
-  return common.finish("mqar", args, results, lambda png: plot(rows, png, curve))
+  return common.finish("mqar", args, results, lambda png: plot(rows, png, curve, runs_dir))
 
 
 def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
@@ -187,12 +194,15 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
   if not args.learned_positions:
     name += "_rope"
   if models.MODELS[model].thermostat:
-    if args.tiny:  # too few steps for a soft warm-up
-      options["soft_warmup"] = 0
     options["control"] = args.control
     if gate != "oracle":  # the oracle has no target: one run for them all
       name += f"_target{target_rate:g}"
     name += common.control_suffix(args.control)
+    if args.soft_warmup is not None:
+      options["soft_warmup"] = args.soft_warmup
+      name += f"_soft{args.soft_warmup}"
+    elif args.tiny:  # too few steps for a soft warm-up
+      options["soft_warmup"] = 0
   if gate is not None:
     options.update(reference_gate=gate, target_rate=None, lam=0.0)
     if gate == "random" and rates is not None:
@@ -244,9 +254,11 @@ def _mean(values):
   return None if not values else float(np.mean(values))
 
 
-def plot(rows, path, curve=False):
-  """Accuracy and open rate against sequence length; curve (several targets): accuracy
-  against open rate instead (a line per gate and grid point, the oracle a single point)."""
+def plot(rows, path, curve=False, runs_dir=None):
+  """Accuracy and open rate against sequence length, and each row's training-batch accuracy
+  against step (read from its run in runs_dir, the step where the gate hardened marked);
+  curve (several targets): accuracy against open rate instead (a line per gate and grid
+  point, the oracle a single point)."""
   if curve:
     return _plot_curve(rows, path)
   groups = [
@@ -269,8 +281,8 @@ def plot(rows, path, curve=False):
 
   accuracy = lines("accuracy")
   colors = {label: f"C{i % 10}" for i, label in enumerate(accuracy)}
-  with common.figure(path, figsize=(9, 3.6)) as fig:
-    ax_acc, ax_gate = fig.subplots(1, 2)
+  with common.figure(path, figsize=(13.5, 3.8)) as fig:
+    ax_acc, ax_gate, ax_steps = fig.subplots(1, 3)
     common.plot_lines(
       ax_acc,
       accuracy,
@@ -290,6 +302,26 @@ def plot(rows, path, curve=False):
       ylabel="hard open rate / the oracle's",
       title="TGN open rate, in units of the oracle's",
     )
+    _plot_training(ax_steps, rows, runs_dir)
+
+
+def _plot_training(ax, rows, runs_dir):
+  """Training-batch accuracy (scored positions) against step, a line per row; an x where the
+  TGN's gate hardened."""
+  for r in rows:
+    records = common.read_records(Path(runs_dir) / r["run"], "train") if runs_dir else []
+    if not records:
+      continue
+    gate = "" if r.get("gate", "learned") == "learned" else f", {r['gate']} gate"
+    label = f"{r['model']} {r['seq_len']}:{r['num_kv']} d={r['d_model']}{gate}"
+    (line,) = ax.plot([x["step"] for x in records], [x["accuracy"] for x in records], lw=1)
+    line.set_label(label)
+    hardened = [x for x in records if x.get("gate_mode") == "hard"]
+    if hardened and hardened[0] is not records[0]:
+      ax.plot(hardened[0]["step"], hardened[0]["accuracy"], "x", color=line.get_color(), ms=8)
+  ax.set(xlabel="step (x: the gate hardens)", ylabel="training-batch accuracy", ylim=(0, 1.02))
+  ax.set_title("Learning curves")
+  ax.legend(fontsize=7)
 
 
 def _plot_curve(rows, path):

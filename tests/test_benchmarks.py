@@ -596,3 +596,22 @@ def test_mqar_reference_gates_at_the_learned_rates(tmp_path):
   assert stored["ablation"]["reference_rates"] == pytest.approx(learned["open_per_layer"], abs=1e-4)
   assert stored["task"]["fillers"] == "zero"
   assert 0 < learned["budget"] < 1e-3
+
+
+def test_mqar_soft_warmup_is_a_run_of_its_own_and_its_hardening_is_plotted(tmp_path):
+  from matplotlib.figure import Figure
+
+  runs = tmp_path / "runs"
+  options = ["--models", "tgn", "--soft_warmup", "15", "--runs_dir", str(runs)]
+  results, _ = run(mqar, tmp_path, *options)
+  (row,) = results["rows"]
+  assert row["run"] == f"tgn_T32_kv4_d32_lr0.003_target{0.15:g}_quantile_soft15"
+  stored = json.loads((runs / row["run"] / "config.json").read_text())
+  assert stored["thermostat"]["soft_warmup"] == 15
+  records = common.read_records(runs / row["run"], "train")  # one every 10 steps
+  assert {r["step"]: r["gate_mode"] for r in records} == {10: "soft", 20: "hard", 30: "hard"}
+  ax = Figure().add_subplot()
+  mqar._plot_training(ax, results["rows"], runs)
+  curve, mark = ax.lines
+  assert list(curve.get_xdata()) == [r["step"] for r in records]
+  assert list(mark.get_xdata()) == [20]
