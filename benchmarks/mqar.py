@@ -306,8 +306,8 @@ def plot(rows, path, curve=False, runs_dir=None):
 
 
 def _plot_training(ax, rows, runs_dir):
-  """Training-batch accuracy (scored positions) against step, a line per row; an x where the
-  TGN's gate hardened."""
+  """Training-batch accuracy (scored positions) against step, a line per row; for the TGN,
+  its training-batch open rate dashed and an x where its gate hardened."""
   for r in rows:
     records = common.read_records(Path(runs_dir) / r["run"], "train") if runs_dir else []
     if not records:
@@ -316,10 +316,17 @@ def _plot_training(ax, rows, runs_dir):
     label = f"{r['model']} {r['seq_len']}:{r['num_kv']} d={r['d_model']}{gate}"
     (line,) = ax.plot([x["step"] for x in records], [x["accuracy"] for x in records], lw=1)
     line.set_label(label)
+    if models.MODELS[r["model"]].thermostat:
+      rate = [x["gate_hard"] for x in records]
+      ax.plot(line.get_xdata(), rate, "--", lw=0.8, color=line.get_color())
     hardened = [x for x in records if x.get("gate_mode") == "hard"]
     if hardened and hardened[0] is not records[0]:
       ax.plot(hardened[0]["step"], hardened[0]["accuracy"], "x", color=line.get_color(), ms=8)
-  ax.set(xlabel="step (x: the gate hardens)", ylabel="training-batch accuracy", ylim=(0, 1.02))
+  ax.set(
+    xlabel="step (x: the gate hardens)",
+    ylabel="training-batch accuracy (dashed: open rate)",
+    ylim=(0, 1.02),
+  )
   ax.set_title("Learning curves")
   ax.legend(fontsize=7)
 

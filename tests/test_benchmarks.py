@@ -612,6 +612,7 @@ def test_mqar_soft_warmup_is_a_run_of_its_own_and_its_hardening_is_plotted(tmp_p
   assert {r["step"]: r["gate_mode"] for r in records} == {10: "soft", 20: "hard", 30: "hard"}
   ax = Figure().add_subplot()
   mqar._plot_training(ax, results["rows"], runs)
-  curve, mark = ax.lines
+  curve, rate, mark = ax.lines
   assert list(curve.get_xdata()) == [r["step"] for r in records]
+  assert list(rate.get_ydata()) == [r["gate_hard"] for r in records]
   assert list(mark.get_xdata()) == [20]
