@@ -92,6 +92,13 @@ def main(argv=None):
     help="TGN: steps trained with the soft gate before it hardens (default: train.py's, a "
     "third of the steps; given: run names end in _softN)",
   )
+  parser.add_argument(
+    "--lam_warmup",
+    type=int,
+    default=None,
+    help="TGN: steps before the open-rate control begins (default: train.py's, a third of "
+    "the steps; given: run names end in _lamwarmupN)",
+  )
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
   parser.add_argument(
@@ -203,6 +210,9 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
       name += f"_soft{args.soft_warmup}"
     elif args.tiny:  # too few steps for a soft warm-up
       options["soft_warmup"] = 0
+    if args.lam_warmup is not None:
+      options["lam_warmup"] = args.lam_warmup
+      name += f"_lamwarmup{args.lam_warmup}"
   if gate is not None:
     options.update(reference_gate=gate, target_rate=None, lam=0.0)
     if gate == "random" and rates is not None:
