@@ -99,6 +99,13 @@ def main(argv=None):
     help="TGN: steps before the open-rate control begins (default: train.py's, a third of "
     "the steps; given: run names end in _lamwarmupN)",
   )
+  parser.add_argument(
+    "--quantile_scope",
+    choices=("model", "layer", "last"),
+    default=None,
+    help="TGN, quantile control: where the open budget is held (train.py's "
+    "--thermostat.quantile_scope; given: run names end in _scopeS)",
+  )
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
   parser.add_argument(
@@ -213,6 +220,9 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
     if args.lam_warmup is not None:
       options["lam_warmup"] = args.lam_warmup
       name += f"_lamwarmup{args.lam_warmup}"
+    if args.quantile_scope is not None:
+      options["quantile_scope"] = args.quantile_scope
+      name += f"_scope{args.quantile_scope}"
   if gate is not None:
     options.update(reference_gate=gate, target_rate=None, lam=0.0)
     if gate == "random" and rates is not None:

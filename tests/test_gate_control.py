@@ -54,11 +54,31 @@ def test_pooled_quantile_holds_the_mean_rate_and_lets_layers_differ():
   logit = jax.random.normal(jax.random.key(1), (2, 8, 128)) + jnp.array([-1.0, 1.0])[:, None, None]
   f32 = jnp.float32
   offsets = jnp.zeros(2)
-  new = quantile_offsets(offsets, logit, f32(0.25), f32(1.0), 0.5, f32(1.0), pooled=True)
+  new = quantile_offsets(offsets, logit, f32(0.25), f32(1.0), 0.5, f32(1.0), scope="model")
   assert float(new[0]) == float(new[1])
   rates = opened(logit, new)
   np.testing.assert_allclose(rates.mean(), 0.25, atol=1.5 / 1024)
   assert rates[1] > 0.4 > 0.1 > rates[0]
+
+
+def test_last_scope_gives_the_budget_to_the_last_layer_and_shuts_the_others():
+  """Scope last: the last layer opens target * L of the batch's tokens, the layers before it
+  none, even where their logits sit far above the last layer's; the shut layers' threshold
+  holds a later batch shut unless its logits jump by more than the batch's range."""
+  logit = (
+    jax.random.normal(jax.random.key(2), (3, 8, 128)) + jnp.array([4.0, 2.0, -1.0])[:, None, None]
+  )
+  f32 = jnp.float32
+  offsets = jnp.array([0.3, -0.7, 1.1])
+  new = quantile_offsets(offsets, logit, f32(0.1), f32(1.0), 0.5, f32(1.0), scope="last")
+  rates = opened(logit, new - offsets)
+  np.testing.assert_array_equal(rates[:2], 0.0)
+  np.testing.assert_allclose(rates[2], 0.3, atol=1.5 / 1024)
+  spread = (jnp.max(logit, axis=(1, 2)) - jnp.min(logit, axis=(1, 2)))[:, None, None]
+  np.testing.assert_array_equal(opened(logit + 0.9 * spread, new - offsets)[:2], 0.0)
+  assert float(opened(logit + 1.1 * spread, new - offsets)[:2].min()) > 0.0
+  half = quantile_offsets(offsets, logit, f32(0.1), f32(0.5), 0.5, f32(1.0), scope="last")
+  np.testing.assert_allclose(half - offsets, (new - offsets) / 2, rtol=1e-5, atol=1e-6)
 
 
 def test_offsets_shift_the_decision_and_carry_no_gradient():
@@ -151,6 +171,22 @@ def test_pooled_control_holds_the_mean_rate_with_one_shift():
   np.testing.assert_allclose(shift[0], shift[1], rtol=1e-5)  # one shift for every layer
   _, aux = functional.apply(model_def, state.params, tokens(5, batch=64), stats=None, capacity=1.0)
   np.testing.assert_allclose(np.mean(aux.open_rate), 0.3, atol=0.05)
+
+
+def test_last_scope_control_holds_the_budget_in_the_last_layer():
+  """Trained with scope last (weights frozen), the next batch opens nothing in layer 1 and
+  target * 2 of layer 2's tokens."""
+  c = train_config(
+    **{
+      "thermostat.quantile_rate": 1.0,
+      "thermostat.quantile_scope": "last",
+      "thermostat.target_rate": 0.15,
+    }
+  )
+  offsets, state, model_def = run_steps(c, 3, lr=0.0)
+  _, aux = functional.apply(model_def, state.params, tokens(5, batch=64), stats=None, capacity=1.0)
+  assert float(aux.open_rate[0]) == 0.0
+  np.testing.assert_allclose(aux.open_rate[1], 0.3, atol=0.05)
 
 
 def test_soft_steps_place_the_threshold_at_the_annealed_temperature():
@@ -319,6 +355,10 @@ def test_decoding_reads_the_offsets_as_the_forward_pass_does():
   [
     ({"thermostat.control": "median"}, "thermostat.control"),
     ({"thermostat.quantile_scope": "head"}, "thermostat.quantile_scope"),
+    (
+      {"thermostat.quantile_scope": "last", "thermostat.target_rate": 0.6},
+      "thermostat.quantile_scope",
+    ),
     ({"thermostat.quantile_rate": 0.0}, "thermostat.quantile_rate"),
     ({"thermostat.harden_temperature": 1.5}, "thermostat.harden_temperature"),
     ({"thermostat.harden": -1}, "thermostat.harden"),

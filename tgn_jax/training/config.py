@@ -100,8 +100,9 @@ class ThermostatConfig:
   quantile_scope: str = _field(
     "model",
     "quantile control: layer (each layer holds the target rate) | model (one quantile over "
-    "all layers' gates: the mean rate is held, layers may differ)",
-    choices=("layer", "model"),
+    "all layers' gates: the mean rate is held, layers may differ) | last (the last layer "
+    "holds the whole budget, target * n_layers of its tokens; the layers before it are shut)",
+    choices=("layer", "model", "last"),
   )
   harden: int = _field(
     0,
@@ -536,9 +537,15 @@ def validate(c: TrainConfig) -> None:
     fail("thermostat.target_rate", f"must be in [0, 1] or none, got {target!r}")
   if c.thermostat.control not in ("lambda", "quantile"):
     fail("thermostat.control", f"must be lambda or quantile, got {c.thermostat.control!r}")
-  if c.thermostat.quantile_scope not in ("layer", "model"):
+  scope = c.thermostat.quantile_scope
+  if scope not in ("layer", "model", "last"):
+    fail("thermostat.quantile_scope", f"must be layer, model or last, got {scope!r}")
+  quantile = c.thermostat.control == "quantile"
+  if quantile and scope == "last" and target is not None and target * c.model_value("n_layers") > 1:
     fail(
-      "thermostat.quantile_scope", f"must be layer or model, got {c.thermostat.quantile_scope!r}"
+      "thermostat.quantile_scope",
+      f"last: the last layer would have to open target_rate * n_layers = "
+      f"{target * c.model_value('n_layers'):g} of its tokens (more than all of them)",
     )
   if c.thermostat.harden and (c.model_value("mixer") != "tgn" or c.model_value("gate") != "hard"):
     fail("thermostat.harden", "needs the hard gate (--mixer tgn --gate hard)")

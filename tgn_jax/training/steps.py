@@ -8,7 +8,7 @@ and adjusts it by dual ascent in log space (lam *= exp(lam_lr * (rate - target))
 finds the right scale of lam whatever the task's units of U. The quantile control holds
 the rate with the gate thresholds instead: each layer's logit offset moves a fraction
 quantile_rate of the way to the batch's (1 - target) quantile after every step (pooled over
-the layers or per layer), so a step uses the threshold of the batches before it, as decoding
+the layers, per layer, or the whole budget in the last layer), so a step uses the threshold of the batches before it, as decoding
 does. lam then prices the offsets' drift: the same dual-ascent step with tanh(mean offset
 change) in place of (rate - target), so it rises while the logits near the threshold climb
 (and the offsets chase them) and falls while they drop.
@@ -132,20 +132,30 @@ def quantile_offsets(
   rate: jax.Array,
   threshold: float,
   temperature: jax.Array,
-  pooled: bool = False,
+  scope: str = "layer",
 ) -> jax.Array:
   """One step of the moving-quantile control: float32 [L] offsets moved `rate` of the way
-  to those that would have opened a fraction `target` of this batch's tokens in each layer
-  (pooled: of the tokens of all layers together, one shift for every layer, so that layers
-  may differ).
+  to those that would have opened, of this batch's tokens, a fraction `target`
+
+    layer: in each layer;
+    model: of the tokens of all layers together (one shift for every layer, so that layers
+      may differ);
+    last:  target * L in the last layer (the whole budget), none in the layers before it,
+      whose thresholds sit one batch-range above their largest logit (held shut).
 
   logit_LBT is net of the offsets; a gate opens where sigmoid(logit / temperature) >
   threshold, i.e. logit > temperature * logit(threshold), so the offset that puts the
   batch's (1 - target) quantile q of the logits on it is
   offset + q - temperature * logit(threshold).
   """
-  logits = logit_LBT.reshape(1 if pooled else logit_LBT.shape[0], -1).astype(jnp.float32)
-  q = jnp.quantile(logits, 1.0 - target, axis=1)
+  n_layers = logit_LBT.shape[0]
+  logits = logit_LBT.reshape(1 if scope == "model" else n_layers, -1).astype(jnp.float32)
+  if scope == "last":
+    top = jnp.max(logits, axis=1)
+    q = top + (top - jnp.min(logits, axis=1))
+    q = q.at[-1].set(jnp.quantile(logits[-1], 1.0 - jnp.minimum(target * n_layers, 1.0)))
+  else:
+    q = jnp.quantile(logits, 1.0 - target, axis=1)
   shift = q - temperature * jax.scipy.special.logit(threshold)
   return (offsets_L + rate * shift).astype(jnp.float32)
 
@@ -246,8 +256,8 @@ def make_train_step(
   returned state is the input state): redo the batch at a larger capacity (the training
   loop's CapacityLadder does). metrics["capacity_needed"] is the capacity that fits.
   reference_gate: from reference_gate_fn, a given gate in place of the learned one.
-  quantile: "layer" or "model": the step also moves the gate offsets by the quantile
-  control, per layer or pooled over the layers (at controls.quantile_rate; 0 leaves them).
+  quantile: "layer", "model" or "last": the step also moves the gate offsets by the
+  quantile control in that scope (quantile_offsets; at controls.quantile_rate, 0 leaves them).
   """
   reference_gate = reference_gate or reference_gate_fn(model_config, None, None)
   gated = model_config.has_gate
@@ -311,14 +321,16 @@ def make_train_step(
           controls.quantile_rate,
           model_config.gate_threshold,
           controls.gate_temperature if soft else jnp.float32(1.0),
-          pooled=quantile == "model",
+          scope=quantile,
         )
         # A non-finite step (its update skipped) must not move them either.
         offsets = jnp.where(finite & jnp.all(jnp.isfinite(offsets)), offsets, before)
         # Unpriced, the logits near the threshold climb and the offsets chase them without
         # end; lambda rises while the offsets climb and falls while they drop, so its price
         # holds the gates' logits still.
-        rate = controls.target_rate + jnp.tanh(jnp.mean(offsets - before))
+        # (Under scope "last" the shut layers' offsets follow their logits' range: not priced.)
+        moved = offsets - before if quantile != "last" else (offsets - before)[-1:]
+        rate = controls.target_rate + jnp.tanh(jnp.mean(moved))
       params = functional.with_gate_offsets(params, offsets)
       metrics["gate_offset"] = offsets
       new_lam = jnp.where(
