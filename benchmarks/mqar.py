@@ -106,6 +106,13 @@ def main(argv=None):
     help="TGN, quantile control: where the open budget is held (train.py's "
     "--thermostat.quantile_scope; given: run names end in _scopeS)",
   )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="every run's seed (initialisation, data order, gate randomness; not 0: run names "
+    "end in _seedS)",
+  )
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--runs_dir", default=None, help="where the training runs go")
   parser.add_argument(
@@ -228,6 +235,9 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
     if gate == "random" and rates is not None:
       options["reference_rates"] = [round(r, 4) for r in rates]
     name += f"_{gate}"
+  if args.seed:
+    options["seed"] = args.seed
+    name += f"_seed{args.seed}"
   return options, name
 
 

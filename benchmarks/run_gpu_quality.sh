@@ -7,7 +7,7 @@
 # is collected from the finished runs alone (`mqar.py --collect` lists the missing ones).
 # The log is DEST/log.txt; tables, plots and the runs' metrics (no checkpoints) are packed
 # into DEST/results.tar. On an H100 with 14 jobs at once a run takes 170-320 s (about 20
-# steps/s each), so the whole queue (~119 runs) needs about 30 minutes: several calls, each
+# steps/s each), so the whole queue (~123 runs) needs about 30 minutes: several calls, each
 # going on where the last stopped (the runs directories must survive between them).
 #
 #   bash benchmarks/run_gpu_quality.sh DEST [LIMIT_S] [JOBS]     # from the repository root
@@ -50,6 +50,10 @@ curve="--grid 128:16 --vocab_size 256 --d_models 64 --lrs 0.003 --steps 3000 --m
 # LR 3e-3: on CPU at (128, 8) the TGN leaves the Transformer's plateau within 100-200 steps
 # of its open rate reaching the target, whenever that is.
 early="--lam_warmup 100 --d_models 64 --lrs 0.003 --models tgn"
+# The same with the whole open budget in the last layer, the first held shut
+# (`--quantile_scope last`): on CPU at (128, 8) each drop of the early-control run came
+# when the pooled threshold let layer 1 open some of its queries.
+early_last="$early --quantile_scope last"
 
 work=$(mktemp -d)  # the queue, each job's log and its (unread) partial table
 mkdir -p "$work/logs"
@@ -68,6 +72,7 @@ mkdir -p "$work/logs"
     if [ "$lr" = 0.003 ]; then
       for point in $zoology_grid; do
         echo "$zoology $early --grid $point"
+        echo "$zoology $early_last --grid $point"
       done
     fi
   done
@@ -97,13 +102,15 @@ mqar $curve --target_rate "$(echo $curve_targets | tr ' ' ,)" --gates learned,or
   --collect --out "$res/mqar_curve128_random.json" >>"$log" 2>&1 &
 mqar $zoology $early --grid "$(echo $zoology_grid | tr ' ' ,)" --collect \
   --out "$res/mqar_zoology_zero_lamwarmup100.json" >>"$log" 2>&1 &
+mqar $zoology $early_last --grid "$(echo $zoology_grid | tr ' ' ,)" --collect \
+  --out "$res/mqar_zoology_zero_lamwarmup100_last.json" >>"$log" 2>&1 &
 mqar $zoology --grid "$(echo $zoology_grid | tr ' ' ,)" --d_models 64,128 \
   --lrs 0.0001,0.0003,0.001,0.003 --collect --out "$res/mqar_zoology_zero.json" 2>&1 | tee -a "$log"
 wait
 tail -n 40 "$log" | grep -E "^(model|  *tgn|  *transformer|  *recurrent|not finished)" || true
 cp "$work/queue.txt" "$work/logs/"
 tar -cf "$dest/results.tar" -C "$work" logs
-made=$(cd "$res" && ls -d mqar_zoology_zero{,_lamwarmup100}.* mqar_curve128_random.* \
+made=$(cd "$res" && ls -d mqar_zoology_zero{,_lamwarmup100,_lamwarmup100_last}.* mqar_curve128_random.* \
   mqar_{zoology,curve128}_runs)
 tar -rf "$dest/results.tar" --exclude=checkpoints -C "$res" $made
 rm -rf "$work"

@@ -602,15 +602,15 @@ def test_mqar_schedules_are_runs_of_their_own_and_the_hardening_is_plotted(tmp_p
   from matplotlib.figure import Figure
 
   runs = tmp_path / "runs"
-  options = ["--soft_warmup", "15", "--lam_warmup", "5", "--quantile_scope", "last"]
+  options = ["--soft_warmup", "15", "--lam_warmup", "5", "--quantile_scope", "last", "--seed", "3"]
   results, _ = run(mqar, tmp_path, "--models", "tgn", *options, "--runs_dir", str(runs))
   (row,) = results["rows"]
   assert row["run"] == (
-    f"tgn_T32_kv4_d32_lr0.003_target{0.15:g}_quantile_soft15_lamwarmup5_scopelast"
+    f"tgn_T32_kv4_d32_lr0.003_target{0.15:g}_quantile_soft15_lamwarmup5_scopelast_seed3"
   )
   stored = json.loads((runs / row["run"] / "config.json").read_text())
   assert (stored["thermostat"]["soft_warmup"], stored["thermostat"]["lam_warmup"]) == (15, 5)
-  assert stored["thermostat"]["quantile_scope"] == "last"
+  assert stored["thermostat"]["quantile_scope"] == "last" and stored["run"]["seed"] == 3
   assert row["open_per_layer"][0] == 0.0 and row["open_per_layer"][1] > 0.2  # target 0.15 x 2
   records = common.read_records(runs / row["run"], "train")  # one every 10 steps
   assert {r["step"]: r["gate_mode"] for r in records} == {10: "soft", 20: "hard", 30: "hard"}
