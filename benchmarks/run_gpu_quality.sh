@@ -7,7 +7,7 @@
 # is collected from the finished runs alone (`mqar.py --collect` lists the missing ones).
 # The log is DEST/log.txt; tables, plots and the runs' metrics (no checkpoints) are packed
 # into DEST/results.tar. On an H100 with 14 jobs at once a run takes 170-320 s (about 20
-# steps/s each), so the whole queue (~123 runs) needs about 30 minutes: several calls, each
+# steps/s each), so the whole queue (109 runs) needs about 30 minutes: several calls, each
 # going on where the last stopped (the runs directories must survive between them).
 #
 #   bash benchmarks/run_gpu_quality.sh DEST [LIMIT_S] [JOBS]     # from the repository root
