@@ -8,10 +8,11 @@ and adjusts it by dual ascent in log space (lam *= exp(lam_lr * (rate - target))
 finds the right scale of lam whatever the task's units of U. The quantile control holds
 the rate with the gate thresholds instead: each layer's logit offset moves a fraction
 quantile_rate of the way to the batch's (1 - target) quantile after every step (pooled over
-the layers, per layer, or the whole budget in the last layer), so a step uses the threshold of the batches before it, as decoding
-does. lam then prices the offsets' drift: the same dual-ascent step with tanh(mean offset
-change) in place of (rate - target), so it rises while the logits near the threshold climb
-(and the offsets chase them) and falls while they drop.
+the layers, per layer, or the whole budget in the last layer), so a step uses the threshold
+of the batches before it, as decoding does. lam then prices the offsets' drift: the same
+dual-ascent step with tanh(mean offset change) in place of (rate - target), so it rises
+while the logits near the threshold climb (and the offsets chase them) and falls while
+they drop.
 
 The compiled step depends only on the model and the optimizer's structure; the learning
 rate, lambda's ramp, the thermostat's settings and the seed arrive as StepControls.
