@@ -224,12 +224,11 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
       name += f"_soft{args.soft_warmup}"
     elif args.tiny:  # too few steps for a soft warm-up
       options["soft_warmup"] = 0
-    if args.lam_warmup is not None:
-      options["lam_warmup"] = args.lam_warmup
-      name += f"_lamwarmup{args.lam_warmup}"
-    if args.quantile_scope is not None:
-      options["quantile_scope"] = args.quantile_scope
-      name += f"_scope{args.quantile_scope}"
+    for option, tag in (("lam_warmup", "lamwarmup"), ("quantile_scope", "scope")):
+      value = getattr(args, option)
+      if value is not None:
+        options[option] = value
+        name += f"_{tag}{value}"
   if gate is not None:
     options.update(reference_gate=gate, target_rate=None, lam=0.0)
     if gate == "random" and rates is not None:
