@@ -101,7 +101,7 @@ def main(argv=None):
   )
   parser.add_argument(
     "--quantile_scope",
-    choices=("model", "layer", "last"),
+    choices=("model", "layer", "last", "sticky"),
     default=None,
     help="TGN, quantile control: where the open budget is held (train.py's "
     "--thermostat.quantile_scope; given: run names end in _scopeS)",

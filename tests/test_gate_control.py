@@ -81,6 +81,62 @@ def test_last_scope_gives_the_budget_to_the_last_layer_and_shuts_the_others():
   np.testing.assert_allclose(half - offsets, (new - offsets) / 2, rtol=1e-5, atol=1e-6)
 
 
+def test_sticky_scope_holds_shut_a_layer_that_opened_nothing_and_pools_the_rest():
+  """Scope sticky: a layer none of whose tokens is open at the current offsets stays shut,
+  however its logits rank against the others' (scope model would give it most of the
+  budget); the layers still open share the whole budget, one shift for them all."""
+  key0, key1 = jax.random.split(jax.random.key(3))
+  below = -0.01 - 0.1 * jnp.abs(jax.random.normal(key0, (1, 8, 128)))  # nowhere open
+  rest = jax.random.normal(key1, (2, 8, 128)) - 2.0  # a few open in each
+  logit = jnp.concatenate([below, rest])
+  f32 = jnp.float32
+  offsets = jnp.array([0.3, -0.7, 1.1])
+  np.testing.assert_array_equal(
+    train_steps.shut_layers(logit, 0.5, f32(1.0), "sticky"), [True, False, False]
+  )
+  pooled = quantile_offsets(offsets, logit, f32(0.1), f32(1.0), 0.5, f32(1.0), scope="model")
+  assert opened(logit, pooled - offsets)[0] > 0.25
+  new = quantile_offsets(offsets, logit, f32(0.1), f32(1.0), 0.5, f32(1.0), scope="sticky")
+  shift = new - offsets
+  rates = opened(logit, shift)
+  assert rates[0] == 0.0
+  np.testing.assert_allclose(rates[1:].mean(), 0.15, atol=1.5 / 1024)
+  np.testing.assert_allclose(shift[1], shift[2], rtol=1e-6)
+  spread = float(jnp.max(below) - jnp.min(below))
+  assert opened(logit.at[0].add(0.9 * spread), shift)[0] == 0.0
+  assert opened(logit.at[0].add(1.1 * spread), shift)[0] > 0.0
+  # No layer open at all: nothing is held shut, the quantile pools every layer.
+  closed = logit - 10.0
+  np.testing.assert_array_equal(
+    quantile_offsets(offsets, closed, f32(0.1), f32(1.0), 0.5, f32(1.0), scope="sticky"),
+    quantile_offsets(offsets, closed, f32(0.1), f32(1.0), 0.5, f32(1.0), scope="model"),
+  )
+  # A budget the open layers cannot hold opens all of their tokens, and no more.
+  full = quantile_offsets(offsets, logit, f32(0.9), f32(1.0), 0.5, f32(1.0), scope="sticky")
+  assert np.all(np.isfinite(full))
+  np.testing.assert_array_equal(opened(logit, full - offsets - 1e-4), [0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("scope", ["model", "sticky"])
+def test_a_shut_layer_whose_logits_drift_up_reopens_under_model_not_sticky(scope):
+  """Batch after batch, layer 1's logits climb by 0.5 (less than a batch's range) from far
+  below layer 2's: under scope model (one shift for all) layer 1 opens once it has climbed
+  past layer 2; under sticky its threshold follows it and it never opens."""
+  f32 = jnp.float32
+  offsets = jnp.zeros(2)
+  opened_in_layer_1 = []
+  for batch in range(24):
+    raw = jax.random.normal(jax.random.key(batch), (2, 8, 128))
+    raw = raw + jnp.array([-8.0 + 0.5 * batch, 0.0])[:, None, None]
+    net = raw - offsets[:, None, None]
+    opened_in_layer_1.append(float(opened(net, jnp.zeros(2))[0]))
+    offsets = quantile_offsets(offsets, net, f32(0.1), f32(1.0), 0.5, f32(1.0), scope=scope)
+  assert opened_in_layer_1[0] == 0.0
+  assert (max(opened_in_layer_1) > 0.1) == (scope == "model")
+  if scope == "sticky":
+    assert max(opened_in_layer_1) == 0.0
+
+
 def test_offsets_shift_the_decision_and_carry_no_gradient():
   """A layer's offset is subtracted from its gate logits (a large one closes the layer, a
   very negative one opens it), and the loss has no gradient in it."""
@@ -184,6 +240,22 @@ def test_last_scope_control_holds_the_budget_in_the_last_layer():
     }
   )
   offsets, state, model_def = run_steps(c, 3, lr=0.0)
+  _, aux = functional.apply(model_def, state.params, tokens(5, batch=64), stats=None, capacity=1.0)
+  assert float(aux.open_rate[0]) == 0.0
+  np.testing.assert_allclose(aux.open_rate[1], 0.3, atol=0.05)
+
+
+def test_sticky_scope_control_keeps_a_shut_layer_shut():
+  """Trained with scope sticky from layer 1 shut (offset 50; weights frozen), the next batch
+  opens nothing in layer 1 and target * 2 of layer 2's tokens."""
+  c = train_config(
+    **{
+      "thermostat.quantile_rate": 1.0,
+      "thermostat.quantile_scope": "sticky",
+      "thermostat.target_rate": 0.15,
+    }
+  )
+  offsets, state, model_def = run_steps(c, 3, lr=0.0, start=[50.0, 0.0])
   _, aux = functional.apply(model_def, state.params, tokens(5, batch=64), stats=None, capacity=1.0)
   assert float(aux.open_rate[0]) == 0.0
   np.testing.assert_allclose(aux.open_rate[1], 0.3, atol=0.05)

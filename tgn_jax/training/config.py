@@ -101,8 +101,10 @@ class ThermostatConfig:
     "model",
     "quantile control: layer (each layer holds the target rate) | model (one quantile over "
     "all layers' gates: the mean rate is held, layers may differ) | last (the last layer "
-    "holds the whole budget, target * n_layers of its tokens; the layers before it are shut)",
-    choices=("layer", "model", "last"),
+    "holds the whole budget, target * n_layers of its tokens; the layers before it are shut) "
+    "| sticky (as model, but a layer that opens no token of a batch is held shut, its "
+    "threshold one batch-range above its largest logit, and the budget is the other layers')",
+    choices=("layer", "model", "last", "sticky"),
   )
   harden: int = _field(
     0,
@@ -538,8 +540,8 @@ def validate(c: TrainConfig) -> None:
   if c.thermostat.control not in ("lambda", "quantile"):
     fail("thermostat.control", f"must be lambda or quantile, got {c.thermostat.control!r}")
   scope = c.thermostat.quantile_scope
-  if scope not in ("layer", "model", "last"):
-    fail("thermostat.quantile_scope", f"must be layer, model or last, got {scope!r}")
+  if scope not in ("layer", "model", "last", "sticky"):
+    fail("thermostat.quantile_scope", f"must be layer, model, last or sticky, got {scope!r}")
   quantile = c.thermostat.control == "quantile"
   if quantile and scope == "last" and target is not None and target * c.model_value("n_layers") > 1:
     fail(

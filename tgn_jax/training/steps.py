@@ -126,6 +126,24 @@ def thermostat(
   return (jnp.maximum(lam, floor) * jnp.exp(gain * (rate - target))).astype(jnp.float32)
 
 
+def shut_layers(
+  logit_LBT: jax.Array, threshold: float, temperature: jax.Array, scope: str
+) -> jax.Array:
+  """bool [L]: the layers the quantile control holds shut in this scope (quantile_offsets).
+
+  last: every layer before the last. sticky: the layers that opened no token of this batch
+  (logit_LBT is net of the offsets), unless that is every layer. layer, model: none.
+  """
+  n_layers = logit_LBT.shape[0]
+  if scope == "last":
+    return jnp.arange(n_layers) < n_layers - 1
+  if scope == "sticky":
+    open_logit = temperature * jax.scipy.special.logit(threshold)
+    shut = jnp.max(logit_LBT.reshape(n_layers, -1), axis=1) <= open_logit
+    return shut & ~jnp.all(shut)
+  return jnp.zeros((n_layers,), bool)
+
+
 def quantile_offsets(
   offsets_L: jax.Array,
   logit_LBT: jax.Array,
@@ -138,27 +156,32 @@ def quantile_offsets(
   """One step of the moving-quantile control: float32 [L] offsets moved `rate` of the way
   to those that would have opened, of this batch's tokens, a fraction `target`
 
-    layer: in each layer;
-    model: of the tokens of all layers together (one shift for every layer, so that layers
+    layer:  in each layer;
+    model:  of the tokens of all layers together (one shift for every layer, so that layers
       may differ);
-    last:  target * L in the last layer (the whole budget), none in the layers before it,
-      whose thresholds sit one batch-range above their largest logit (held shut).
+    last:   target * L in the last layer (the whole budget), none in the layers before it;
+    sticky: as model, over the layers that opened a token of this batch; a layer that opened
+      none is held shut (until one of its logits jumps by more than the batch's range).
 
-  logit_LBT is net of the offsets; a gate opens where sigmoid(logit / temperature) >
-  threshold, i.e. logit > temperature * logit(threshold), so the offset that puts the
-  batch's (1 - target) quantile q of the logits on it is
-  offset + q - temperature * logit(threshold).
+  A shut layer's threshold sits one batch-range above its largest logit. logit_LBT is net
+  of the offsets; a gate opens where sigmoid(logit / temperature) > threshold, i.e. logit >
+  temperature * logit(threshold), so the offset that puts the batch's (1 - target) quantile
+  q of the logits on it is offset + q - temperature * logit(threshold).
   """
   n_layers = logit_LBT.shape[0]
-  logits = logit_LBT.reshape(1 if scope == "model" else n_layers, -1).astype(jnp.float32)
-  if scope == "last":
-    top = jnp.max(logits, axis=1)
-    q = top + (top - jnp.min(logits, axis=1))
-    q = q.at[-1].set(jnp.quantile(logits[-1], 1.0 - jnp.minimum(target * n_layers, 1.0)))
-  else:
+  logits = logit_LBT.reshape(n_layers, -1).astype(jnp.float32)
+  open_logit = temperature * jax.scipy.special.logit(threshold)
+  shut = shut_layers(logit_LBT, threshold, temperature, scope)
+  if scope == "layer":
     q = jnp.quantile(logits, 1.0 - target, axis=1)
-  shift = q - temperature * jax.scipy.special.logit(threshold)
-  return (offsets_L + rate * shift).astype(jnp.float32)
+  else:
+    # One quantile over the layers not shut, the budget (target * L of a layer's tokens)
+    # theirs alone: the shut layers' logits are put at the bottom.
+    pooled = jnp.where(shut[:, None], jnp.min(logits), logits)
+    q = jnp.quantile(pooled, 1.0 - target)
+    top = jnp.max(logits, axis=1)
+    q = jnp.where(shut, top + (top - jnp.min(logits, axis=1)), q)
+  return (offsets_L + rate * (q - open_logit)).astype(jnp.float32)
 
 
 def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
@@ -257,7 +280,7 @@ def make_train_step(
   returned state is the input state): redo the batch at a larger capacity (the training
   loop's CapacityLadder does). metrics["capacity_needed"] is the capacity that fits.
   reference_gate: from reference_gate_fn, a given gate in place of the learned one.
-  quantile: "layer", "model" or "last": the step also moves the gate offsets by the
+  quantile: "layer", "model", "last" or "sticky": the step also moves the gate offsets by the
   quantile control in that scope (quantile_offsets; at controls.quantile_rate, 0 leaves them).
   """
   reference_gate = reference_gate or reference_gate_fn(model_config, None, None)
@@ -315,13 +338,15 @@ def make_train_step(
       offsets = before = functional.gate_offsets(state.params)
       rate = metrics["gate_hard"]  # what lambda answers for
       if quantile:
+        temperature = controls.gate_temperature if soft else jnp.float32(1.0)
+        threshold = model_config.gate_threshold
         offsets = quantile_offsets(
           offsets,
           gate_logit,
           controls.target_rate,
           controls.quantile_rate,
-          model_config.gate_threshold,
-          controls.gate_temperature if soft else jnp.float32(1.0),
+          threshold,
+          temperature,
           scope=quantile,
         )
         # A non-finite step (its update skipped) must not move them either.
@@ -329,9 +354,10 @@ def make_train_step(
         # Unpriced, the logits near the threshold climb and the offsets chase them without
         # end; lambda rises while the offsets climb and falls while they drop, so its price
         # holds the gates' logits still.
-        # (Under scope "last" the shut layers' offsets follow their logits' range: not priced.)
-        moved = offsets - before if quantile != "last" else (offsets - before)[-1:]
-        rate = controls.target_rate + jnp.tanh(jnp.mean(moved))
+        # (A shut layer's offset follows its logits' range, not the threshold: not priced.)
+        priced = ~shut_layers(gate_logit, threshold, temperature, quantile)
+        moved = jnp.sum(jnp.where(priced, offsets - before, 0.0)) / jnp.sum(priced)
+        rate = controls.target_rate + jnp.tanh(moved)
       params = functional.with_gate_offsets(params, offsets)
       metrics["gate_offset"] = offsets
       new_lam = jnp.where(
