@@ -7,7 +7,7 @@
 # is collected from the finished runs alone (`mqar.py --collect` lists the missing ones).
 # The log is DEST/log.txt; tables, plots and the runs' metrics (no checkpoints) are packed
 # into DEST/results.tar. On an H100 with 14 jobs at once a run takes 170-320 s (about 20
-# steps/s each), so the whole queue (109 runs) needs about 30 minutes: several calls, each
+# steps/s each), so the whole queue (113 runs) needs about 31 minutes: several calls, each
 # going on where the last stopped (the runs directories must survive between them).
 #
 #   bash benchmarks/run_gpu_quality.sh DEST [LIMIT_S] [JOBS]     # from the repository root
@@ -50,10 +50,12 @@ curve="--grid 128:16 --vocab_size 256 --d_models 64 --lrs 0.003 --steps 3000 --m
 # LR 3e-3: on CPU at (128, 8) the TGN leaves the Transformer's plateau within 100-200 steps
 # of its open rate reaching the target, whenever that is.
 early="--lam_warmup 100 --d_models 64 --lrs 0.003 --models tgn"
-# The same with the whole open budget in the last layer, the first held shut
-# (`--quantile_scope last`): on CPU at (128, 8) each drop of the early-control run came
-# when the pooled threshold let layer 1 open some of its queries.
-early_last="$early --quantile_scope last"
+# The same with the open budget held otherwise (--quantile_scope): "last", all of it in the
+# last layer, the first held shut (on CPU at (128, 8) each drop of the early-control run
+# came when the pooled threshold let layer 1 open some of its queries); "sticky", pooled,
+# but a layer that opens no token of a batch held shut. Each has its own table,
+# mqar_zoology_zero_lamwarmup100_SCOPE.json.
+early_scopes="last sticky"
 
 work=$(mktemp -d)  # the queue, each job's log and its (unread) partial table
 mkdir -p "$work/logs"
@@ -72,7 +74,9 @@ mkdir -p "$work/logs"
     if [ "$lr" = 0.003 ]; then
       for point in $zoology_grid; do
         echo "$zoology $early --grid $point"
-        echo "$zoology $early_last --grid $point"
+        for scope in $early_scopes; do
+          echo "$zoology $early --quantile_scope $scope --grid $point"
+        done
       done
     fi
   done
@@ -102,16 +106,18 @@ mqar $curve --target_rate "$(echo $curve_targets | tr ' ' ,)" --gates learned,or
   --collect --out "$res/mqar_curve128_random.json" >>"$log" 2>&1 &
 mqar $zoology $early --grid "$(echo $zoology_grid | tr ' ' ,)" --collect \
   --out "$res/mqar_zoology_zero_lamwarmup100.json" >>"$log" 2>&1 &
-mqar $zoology $early_last --grid "$(echo $zoology_grid | tr ' ' ,)" --collect \
-  --out "$res/mqar_zoology_zero_lamwarmup100_last.json" >>"$log" 2>&1 &
+for scope in $early_scopes; do
+  mqar $zoology $early --quantile_scope "$scope" --grid "$(echo $zoology_grid | tr ' ' ,)" \
+    --collect --out "$res/mqar_zoology_zero_lamwarmup100_$scope.json" >>"$log" 2>&1 &
+done
 mqar $zoology --grid "$(echo $zoology_grid | tr ' ' ,)" --d_models 64,128 \
   --lrs 0.0001,0.0003,0.001,0.003 --collect --out "$res/mqar_zoology_zero.json" 2>&1 | tee -a "$log"
 wait
 tail -n 40 "$log" | grep -E "^(model|  *tgn|  *transformer|  *recurrent|not finished)" || true
 cp "$work/queue.txt" "$work/logs/"
 tar -cf "$dest/results.tar" -C "$work" logs
-made=$(cd "$res" && ls -d mqar_zoology_zero{,_lamwarmup100,_lamwarmup100_last}.* mqar_curve128_random.* \
-  mqar_{zoology,curve128}_runs)
+made=$(cd "$res" && ls -d mqar_zoology_zero{,_lamwarmup100{,_last,_sticky}}.* \
+  mqar_curve128_random.* mqar_{zoology,curve128}_runs)
 tar -rf "$dest/results.tar" --exclude=checkpoints -C "$res" $made
 rm -rf "$work"
 echo "### $(date -u +%T) done" | tee -a "$log"
