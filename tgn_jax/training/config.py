@@ -102,8 +102,9 @@ class ThermostatConfig:
     "quantile control: layer (each layer holds the target rate) | model (one quantile over "
     "all layers' gates: the mean rate is held, layers may differ) | last (the last layer "
     "holds the whole budget, target * n_layers of its tokens; the layers before it are shut) "
-    "| sticky (as model, but a layer that opens no token of a batch is held shut, its "
-    "threshold one batch-range above its largest logit, and the budget is the other layers')",
+    "| sticky (as model, but once a batch's open rate is within 2x the target, a layer that "
+    "opens none of its tokens is held shut, its threshold one batch-range above its largest "
+    "logit; the others share the budget)",
     choices=("layer", "model", "last", "sticky"),
   )
   harden: int = _field(

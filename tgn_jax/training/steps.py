@@ -127,20 +127,26 @@ def thermostat(
 
 
 def shut_layers(
-  logit_LBT: jax.Array, threshold: float, temperature: jax.Array, scope: str
+  logit_LBT: jax.Array, target: jax.Array, threshold: float, temperature: jax.Array, scope: str
 ) -> jax.Array:
   """bool [L]: the layers the quantile control holds shut in this scope (quantile_offsets).
 
-  last: every layer before the last. sticky: the layers that opened no token of this batch
-  (logit_LBT is net of the offsets), unless that is every layer. layer, model: none.
+  last: every layer before the last. sticky: once the batch's open rate is within a factor 2
+  of the target (the control has settled), the layers that opened no token of it (logit_LBT
+  is net of the offsets), unless that is every layer. layer, model: none.
   """
   n_layers = logit_LBT.shape[0]
   if scope == "last":
     return jnp.arange(n_layers) < n_layers - 1
   if scope == "sticky":
     open_logit = temperature * jax.scipy.special.logit(threshold)
-    shut = jnp.max(logit_LBT.reshape(n_layers, -1), axis=1) <= open_logit
-    return shut & ~jnp.all(shut)
+    opened_L = jnp.mean(logit_LBT.reshape(n_layers, -1) > open_logit, axis=1)
+    # While the offsets still swing (the first hundreds of steps of the control), a layer
+    # can be empty for a batch by chance; holding it shut then locks in the other.
+    rate = jnp.mean(opened_L)
+    settled = (rate >= target / 2) & (rate <= target * 2)
+    shut = opened_L == 0
+    return shut & ~jnp.all(shut) & settled
   return jnp.zeros((n_layers,), bool)
 
 
@@ -160,8 +166,9 @@ def quantile_offsets(
     model:  of the tokens of all layers together (one shift for every layer, so that layers
       may differ);
     last:   target * L in the last layer (the whole budget), none in the layers before it;
-    sticky: as model, over the layers that opened a token of this batch; a layer that opened
-      none is held shut (until one of its logits jumps by more than the batch's range).
+    sticky: as model, over the layers that opened a token of this batch; once the control
+      has settled, a layer that opened none is held shut (until one of its logits jumps by
+      more than the batch's range).
 
   A shut layer's threshold sits one batch-range above its largest logit. logit_LBT is net
   of the offsets; a gate opens where sigmoid(logit / temperature) > threshold, i.e. logit >
@@ -171,7 +178,7 @@ def quantile_offsets(
   n_layers = logit_LBT.shape[0]
   logits = logit_LBT.reshape(n_layers, -1).astype(jnp.float32)
   open_logit = temperature * jax.scipy.special.logit(threshold)
-  shut = shut_layers(logit_LBT, threshold, temperature, scope)
+  shut = shut_layers(logit_LBT, target, threshold, temperature, scope)
   if scope == "layer":
     q = jnp.quantile(logits, 1.0 - target, axis=1)
   else:
@@ -355,7 +362,7 @@ def make_train_step(
         # end; lambda rises while the offsets climb and falls while they drop, so its price
         # holds the gates' logits still.
         # (A shut layer's offset follows its logits' range, not the threshold: not priced.)
-        priced = ~shut_layers(gate_logit, threshold, temperature, quantile)
+        priced = ~shut_layers(gate_logit, controls.target_rate, threshold, temperature, quantile)
         moved = jnp.sum(jnp.where(priced, offsets - before, 0.0)) / jnp.sum(priced)
         rate = controls.target_rate + jnp.tanh(moved)
       params = functional.with_gate_offsets(params, offsets)
