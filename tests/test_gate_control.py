@@ -81,23 +81,25 @@ def test_last_scope_gives_the_budget_to_the_last_layer_and_shuts_the_others():
   np.testing.assert_allclose(half - offsets, (new - offsets) / 2, rtol=1e-5, atol=1e-6)
 
 
-def test_sticky_scope_holds_shut_a_layer_that_opened_nothing_and_pools_the_rest():
-  """Scope sticky, the batch's open rate near the target: a layer none of whose tokens is
-  open at the current offsets stays shut, however its logits rank against the others'
-  (scope model would give it most of the budget); the layers still open share the whole
-  budget, one shift for them all. Far from the target, nothing is held shut."""
+def test_sticky_scope_draws_an_empty_layer_shut_and_pools_the_rest():
+  """Scope sticky: a layer none of whose tokens is open at the current offsets gets none of
+  the budget (scope model would give it much of it) and its threshold is drawn `hold` of the
+  way from the pooled one to the held-shut one (one batch-range above its largest logit);
+  the layers still open share the whole budget, one shift for them all."""
   key0, key1 = jax.random.split(jax.random.key(3))
   below = -0.01 - 0.02 * jnp.abs(jax.random.normal(key0, (1, 8, 128)))  # nowhere open
-  rest = jax.random.normal(key1, (2, 8, 128)) - 1.5  # 0.067 open in each: 0.045 in all
+  rest = jax.random.normal(key1, (2, 8, 128)) - 1.5  # 0.067 open in each
   logit = jnp.concatenate([below, rest])
   f32 = jnp.float32
   offsets = jnp.array([0.3, -0.7, 1.1])
-  shut = train_steps.shut_layers(logit, f32(0.08), 0.5, f32(1.0), "sticky")
+  shut = train_steps.shut_layers(logit, 0.5, f32(1.0), "sticky")
   np.testing.assert_array_equal(shut, [True, False, False])
-  pooled = quantile_offsets(offsets, logit, f32(0.08), f32(1.0), 0.5, f32(1.0), scope="model")
-  assert opened(logit, pooled - offsets)[0] > 0.05
-  new = quantile_offsets(offsets, logit, f32(0.08), f32(1.0), 0.5, f32(1.0), scope="sticky")
-  shift = new - offsets
+
+  def step(scope, hold=1.0, target=0.08):
+    return quantile_offsets(offsets, logit, f32(target), f32(1.0), 0.5, f32(1.0), scope, hold)
+
+  assert opened(logit, step("model") - offsets)[0] > 0.05
+  shift = step("sticky") - offsets
   rates = opened(logit, shift)
   assert rates[0] == 0.0
   np.testing.assert_allclose(rates[1:].mean(), 0.12, atol=1.5 / 1024)
@@ -105,16 +107,18 @@ def test_sticky_scope_holds_shut_a_layer_that_opened_nothing_and_pools_the_rest(
   spread = float(jnp.max(below) - jnp.min(below))
   assert opened(logit.at[0].add(0.9 * spread), shift)[0] == 0.0
   assert opened(logit.at[0].add(1.1 * spread), shift)[0] > 0.0
-  # Not settled (the batch opened far more or far less than the target), or no layer open
-  # at all: nothing is held shut, the quantile pools every layer.
-  for target, batch in ((0.5, logit), (0.01, logit), (0.08, logit - 10.0)):
-    np.testing.assert_array_equal(
-      quantile_offsets(offsets, batch, f32(target), f32(1.0), 0.5, f32(1.0), scope="sticky"),
-      quantile_offsets(offsets, batch, f32(target), f32(1.0), 0.5, f32(1.0), scope="model"),
-    )
+  part = step("sticky", hold=0.1) - offsets
+  np.testing.assert_allclose(part[1:], shift[1:], rtol=1e-6)
+  np.testing.assert_allclose(part[0], 0.9 * shift[1] + 0.1 * shift[0], rtol=1e-5)
+  # No layer open at all: nothing is held shut, the quantile pools every layer.
+  closed = logit - 10.0
+  np.testing.assert_array_equal(
+    quantile_offsets(offsets, closed, f32(0.08), f32(1.0), 0.5, f32(1.0), "sticky"),
+    quantile_offsets(offsets, closed, f32(0.08), f32(1.0), 0.5, f32(1.0), "model"),
+  )
   # A budget the open layers cannot hold opens all of their tokens, and no more.
-  logit = logit.at[1:].add(2.5)  # 0.84 open in each
-  full = quantile_offsets(offsets, logit, f32(0.8), f32(1.0), 0.5, f32(1.0), scope="sticky")
+  logit = logit.at[1:].add(2.5)
+  full = step("sticky", target=0.8)
   assert np.all(np.isfinite(full))
   np.testing.assert_array_equal(opened(logit, full - offsets - 1e-4), [0.0, 1.0, 1.0])
 
@@ -123,7 +127,8 @@ def test_sticky_scope_holds_shut_a_layer_that_opened_nothing_and_pools_the_rest(
 def test_a_shut_layer_whose_logits_drift_up_reopens_under_model_not_sticky(scope):
   """Batch after batch, layer 1's logits climb by 0.5 (less than a batch's range) from far
   below layer 2's: under scope model (one shift for all) layer 1 opens once it has climbed
-  past layer 2; under sticky its threshold follows it and it never opens."""
+  past layer 2; under sticky (its threshold drawn a fifth of the way to shut per batch) the
+  threshold keeps ahead of it and it never opens."""
   f32 = jnp.float32
   offsets = jnp.zeros(2)
   opened_in_layer_1 = []
@@ -132,11 +137,30 @@ def test_a_shut_layer_whose_logits_drift_up_reopens_under_model_not_sticky(scope
     raw = raw + jnp.array([-8.0 + 0.5 * batch, 0.0])[:, None, None]
     net = raw - offsets[:, None, None]
     opened_in_layer_1.append(float(opened(net, jnp.zeros(2))[0]))
-    offsets = quantile_offsets(offsets, net, f32(0.1), f32(1.0), 0.5, f32(1.0), scope=scope)
+    offsets = quantile_offsets(offsets, net, f32(0.1), f32(1.0), 0.5, f32(1.0), scope, 0.2)
   assert opened_in_layer_1[0] == 0.0
   assert (max(opened_in_layer_1) > 0.1) == (scope == "model")
   if scope == "sticky":
     assert max(opened_in_layer_1) == 0.0
+
+
+def test_sticky_hold_accumulates_over_the_batches_a_layer_stays_empty():
+  """The draw is of the layer's own threshold: over the batches an empty layer stays empty,
+  small draws add up to the whole hold (the offset a single full draw would set)."""
+  key0, key1 = jax.random.split(jax.random.key(4))
+  raw = jnp.concatenate(
+    [jax.random.normal(key0, (1, 8, 128)) - 6.0, jax.random.normal(key1, (1, 8, 128))]
+  )
+  f32 = jnp.float32
+  offsets = jnp.zeros(2)
+  for _ in range(400):
+    net = raw - offsets[:, None, None]
+    offsets = quantile_offsets(offsets, net, f32(0.1), f32(0.5), 0.5, f32(1.0), "sticky", 0.05)
+  net = raw - offsets[:, None, None]
+  full = quantile_offsets(offsets, net, f32(0.1), f32(1.0), 0.5, f32(1.0), "sticky", 1.0)
+  np.testing.assert_allclose(full, offsets, atol=1e-3)
+  held = 2 * jnp.max(raw[0]) - jnp.min(raw[0])  # one range above its largest logit
+  np.testing.assert_allclose(offsets[0], held, atol=1e-2)
 
 
 def test_offsets_shift_the_decision_and_carry_no_gradient():
@@ -248,13 +272,15 @@ def test_last_scope_control_holds_the_budget_in_the_last_layer():
 
 
 def test_sticky_scope_control_keeps_a_shut_layer_shut():
-  """Trained with scope sticky from layer 1 shut (offset 50; weights frozen): layer 1's
-  threshold comes down to one batch-range above its own logits (scope model would keep the
-  gap of 50) and the next batch opens nothing there and target * 2 of layer 2's tokens."""
+  """Trained with scope sticky, hold_steps 1, from layer 1 shut (offset 50; weights frozen):
+  layer 1's threshold comes down to one batch-range above its own logits (scope model would
+  keep the gap of 50) and the next batch opens nothing there and target * 2 of layer 2's
+  tokens."""
   c = train_config(
     **{
       "thermostat.quantile_rate": 1.0,
       "thermostat.quantile_scope": "sticky",
+      "thermostat.hold_steps": 1,
       "thermostat.target_rate": 0.15,
     }
   )
@@ -436,6 +462,7 @@ def test_decoding_reads_the_offsets_as_the_forward_pass_does():
       "thermostat.quantile_scope",
     ),
     ({"thermostat.quantile_rate": 0.0}, "thermostat.quantile_rate"),
+    ({"thermostat.hold_steps": 0}, "thermostat.hold_steps"),
     ({"thermostat.harden_temperature": 1.5}, "thermostat.harden_temperature"),
     ({"thermostat.harden": -1}, "thermostat.harden"),
     ({"thermostat.harden": 10, "model.gate": "soft"}, "thermostat.harden"),

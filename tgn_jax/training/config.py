@@ -102,10 +102,16 @@ class ThermostatConfig:
     "quantile control: layer (each layer holds the target rate) | model (one quantile over "
     "all layers' gates: the mean rate is held, layers may differ) | last (the last layer "
     "holds the whole budget, target * n_layers of its tokens; the layers before it are shut) "
-    "| sticky (as model, but once a batch's open rate is within 2x the target, a layer that "
-    "opens none of its tokens is held shut, its threshold one batch-range above its largest "
-    "logit; the others share the budget)",
+    "| sticky (as model, but a layer that opens none of a batch's tokens has its threshold "
+    "drawn towards one batch-range above its largest logit, see hold_steps)",
     choices=("layer", "model", "last", "sticky"),
+  )
+  hold_steps: int = _field(
+    100,
+    "quantile scope sticky: a layer that opens no token of a batch has its threshold drawn "
+    "1/hold_steps of the way from the pooled one towards one batch-range above its largest "
+    "logit (held shut), so that a layer left empty for many steps is held shut and one "
+    "empty for a few is not",
   )
   harden: int = _field(
     0,
@@ -505,6 +511,7 @@ def validate(c: TrainConfig) -> None:
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.max_nonfinite",
+    "thermostat.hold_steps",
   ):
     value = values[path]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -59,6 +59,7 @@ class StepControls(NamedTuple):
   lam_lr: jax.Array  # the thermostat's gain
   lam_min: jax.Array  # the thermostat's floor for lambda
   quantile_rate: jax.Array  # the quantile control's step after this step (0: it rests)
+  quantile_hold: jax.Array  # scope sticky: 1 / thermostat.hold_steps
   gate_temperature: jax.Array  # the soft gate's sigmoid temperature (the hardening anneal)
   key: jax.Array  # the run's key data (uint32); the step's key is fold_in(key, step)
 
@@ -111,6 +112,7 @@ def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
       lam_lr=f32(c.thermostat.lam_lr),
       lam_min=f32(c.thermostat.lam_min),
       quantile_rate=f32(c.thermostat.quantile_rate if controlled and quantile else 0.0),
+      quantile_hold=f32(1.0 / c.thermostat.hold_steps),
       # Geometric from 1 to harden_temperature over the anneal's steps, 1 before it.
       gate_temperature=f32(c.thermostat.harden_temperature**annealed),
       key=key,
@@ -127,26 +129,21 @@ def thermostat(
 
 
 def shut_layers(
-  logit_LBT: jax.Array, target: jax.Array, threshold: float, temperature: jax.Array, scope: str
+  logit_LBT: jax.Array, threshold: float, temperature: jax.Array, scope: str
 ) -> jax.Array:
-  """bool [L]: the layers the quantile control holds shut in this scope (quantile_offsets).
+  """bool [L]: the layers kept out of the quantile control's budget in this scope
+  (quantile_offsets), whose offsets' drift lambda does not price.
 
-  last: every layer before the last. sticky: once the batch's open rate is within a factor 2
-  of the target (the control has settled), the layers that opened no token of it (logit_LBT
-  is net of the offsets), unless that is every layer. layer, model: none.
+  last: every layer before the last. sticky: the layers that opened no token of this batch
+  (logit_LBT is net of the offsets), unless that is every layer. layer, model: none.
   """
   n_layers = logit_LBT.shape[0]
   if scope == "last":
     return jnp.arange(n_layers) < n_layers - 1
   if scope == "sticky":
     open_logit = temperature * jax.scipy.special.logit(threshold)
-    opened_L = jnp.mean(logit_LBT.reshape(n_layers, -1) > open_logit, axis=1)
-    # While the offsets still swing (the first hundreds of steps of the control), a layer
-    # can be empty for a batch by chance; holding it shut then locks in the other.
-    rate = jnp.mean(opened_L)
-    settled = (rate >= target / 2) & (rate <= target * 2)
-    shut = opened_L == 0
-    return shut & ~jnp.all(shut) & settled
+    shut = jnp.max(logit_LBT.reshape(n_layers, -1), axis=1) <= open_logit
+    return shut & ~jnp.all(shut)
   return jnp.zeros((n_layers,), bool)
 
 
@@ -158,6 +155,7 @@ def quantile_offsets(
   threshold: float,
   temperature: jax.Array,
   scope: str = "layer",
+  hold: jax.Array = 1.0,
 ) -> jax.Array:
   """One step of the moving-quantile control: float32 [L] offsets moved `rate` of the way
   to those that would have opened, of this batch's tokens, a fraction `target`
@@ -165,29 +163,33 @@ def quantile_offsets(
     layer:  in each layer;
     model:  of the tokens of all layers together (one shift for every layer, so that layers
       may differ);
-    last:   target * L in the last layer (the whole budget), none in the layers before it;
-    sticky: as model, over the layers that opened a token of this batch; once the control
-      has settled, a layer that opened none is held shut (until one of its logits jumps by
-      more than the batch's range).
+    last:   target * L in the last layer (the whole budget), none in the layers before it,
+      whose thresholds sit one batch-range above their largest logit (held shut);
+    sticky: as model, over the layers that opened a token of this batch; a layer that
+      opened none has its threshold drawn `hold` of the way from the pooled one to the held
+      shut one, so that a layer left empty for many batches is held shut (it opens again
+      only if its logits jump by more than a batch's range) and one empty for a few is not.
 
-  A shut layer's threshold sits one batch-range above its largest logit. logit_LBT is net
-  of the offsets; a gate opens where sigmoid(logit / temperature) > threshold, i.e. logit >
-  temperature * logit(threshold), so the offset that puts the batch's (1 - target) quantile
-  q of the logits on it is offset + q - temperature * logit(threshold).
+  logit_LBT is net of the offsets; a gate opens where sigmoid(logit / temperature) >
+  threshold, i.e. logit > temperature * logit(threshold), so the offset that puts the
+  batch's (1 - target) quantile q of the logits on it is
+  offset + q - temperature * logit(threshold).
   """
   n_layers = logit_LBT.shape[0]
   logits = logit_LBT.reshape(n_layers, -1).astype(jnp.float32)
   open_logit = temperature * jax.scipy.special.logit(threshold)
-  shut = shut_layers(logit_LBT, target, threshold, temperature, scope)
+  shut = shut_layers(logit_LBT, threshold, temperature, scope)
   if scope == "layer":
     q = jnp.quantile(logits, 1.0 - target, axis=1)
   else:
     # One quantile over the layers not shut, the budget (target * L of a layer's tokens)
     # theirs alone: the shut layers' logits are put at the bottom.
-    pooled = jnp.where(shut[:, None], jnp.min(logits), logits)
-    q = jnp.quantile(pooled, 1.0 - target)
+    pooled = jnp.quantile(jnp.where(shut[:, None], jnp.min(logits), logits), 1.0 - target)
     top = jnp.max(logits, axis=1)
-    q = jnp.where(shut, top + (top - jnp.min(logits, axis=1)), q)
+    held = top + (top - jnp.min(logits, axis=1))
+    if scope == "sticky":
+      held = pooled + hold * (held - pooled)
+    q = jnp.where(shut, held, pooled)
   return (offsets_L + rate * (q - open_logit)).astype(jnp.float32)
 
 
@@ -355,6 +357,7 @@ def make_train_step(
           threshold,
           temperature,
           scope=quantile,
+          hold=controls.quantile_hold,
         )
         # A non-finite step (its update skipped) must not move them either.
         offsets = jnp.where(finite & jnp.all(jnp.isfinite(offsets)), offsets, before)
@@ -362,7 +365,7 @@ def make_train_step(
         # end; lambda rises while the offsets climb and falls while they drop, so its price
         # holds the gates' logits still.
         # (A shut layer's offset follows its logits' range, not the threshold: not priced.)
-        priced = ~shut_layers(gate_logit, controls.target_rate, threshold, temperature, quantile)
+        priced = ~shut_layers(gate_logit, threshold, temperature, quantile)
         moved = jnp.sum(jnp.where(priced, offsets - before, 0.0)) / jnp.sum(priced)
         rate = controls.target_rate + jnp.tanh(moved)
       params = functional.with_gate_offsets(params, offsets)
