@@ -53,7 +53,7 @@ early="--lam_warmup 100 --d_models 64 --lrs 0.003 --models tgn"
 # The same with the open budget held otherwise (--quantile_scope): "last", all of it in the
 # last layer, the first held shut (on CPU at (128, 8) each drop of the early-control run
 # came when the pooled threshold let layer 1 open some of its queries); "sticky", pooled,
-# but a layer that opens no token of a batch held shut. Each has its own table,
+# but a layer left empty for hundreds of steps drawn shut. Each has its own table,
 # mqar_zoology_zero_lamwarmup100_SCOPE.json.
 early_scopes="last sticky"
 
