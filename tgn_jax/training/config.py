@@ -103,15 +103,15 @@ class ThermostatConfig:
     "all layers' gates: the mean rate is held, layers may differ) | last (the last layer "
     "holds the whole budget, target * n_layers of its tokens; the layers before it are shut) "
     "| sticky (as model, but a layer that opens none of a batch's tokens has its threshold "
-    "drawn towards one batch-range above its largest logit, see hold_steps)",
+    "drawn towards shut, see hold_steps)",
     choices=("layer", "model", "last", "sticky"),
   )
   hold_steps: int = _field(
     100,
     "quantile scope sticky: a layer that opens no token of a batch has its threshold drawn "
-    "1/hold_steps of the way from the pooled one towards one batch-range above its largest "
-    "logit (held shut), so that a layer left empty for many steps is held shut and one "
-    "empty for a few is not",
+    "1/hold_steps of the way from the pooled one towards shut (as under last: the widest "
+    "range of any layer's logits in the batch above its largest), so that a layer left "
+    "empty for many steps is held shut and one empty for a few is not",
   )
   harden: int = _field(
     0,

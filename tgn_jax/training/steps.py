@@ -164,11 +164,12 @@ def quantile_offsets(
     model:  of the tokens of all layers together (one shift for every layer, so that layers
       may differ);
     last:   target * L in the last layer (the whole budget), none in the layers before it,
-      whose thresholds sit one batch-range above their largest logit (held shut);
+      whose thresholds sit one range above their largest logit (held shut), the range
+      being the widest any layer's logits span in the batch;
     sticky: as model, over the layers that opened a token of this batch; a layer that
       opened none has its threshold drawn `hold` of the way from the pooled one to the held
       shut one, so that a layer left empty for many batches is held shut (it opens again
-      only if its logits jump by more than a batch's range) and one empty for a few is not.
+      only if its logits jump by more than that range) and one empty for a few is not.
 
   logit_LBT is net of the offsets; a gate opens where sigmoid(logit / temperature) >
   threshold, i.e. logit > temperature * logit(threshold), so the offset that puts the
@@ -186,7 +187,9 @@ def quantile_offsets(
     # theirs alone: the shut layers' logits are put at the bottom.
     pooled = jnp.quantile(jnp.where(shut[:, None], jnp.min(logits), logits), 1.0 - target)
     top = jnp.max(logits, axis=1)
-    held = top + (top - jnp.min(logits, axis=1))
+    # The widest range, not the layer's own: a shut layer's logits get almost no gradient
+    # and can sit in a narrow band that one step of its gate head moves past.
+    held = top + jnp.max(top - jnp.min(logits, axis=1))
     if scope == "sticky":
       held = pooled + hold * (held - pooled)
     q = jnp.where(shut, held, pooled)
@@ -364,7 +367,7 @@ def make_train_step(
         # Unpriced, the logits near the threshold climb and the offsets chase them without
         # end; lambda rises while the offsets climb and falls while they drop, so its price
         # holds the gates' logits still.
-        # (A shut layer's offset follows its logits' range, not the threshold: not priced.)
+        # (A shut layer's offset follows its largest logit, not the threshold: not priced.)
         priced = ~shut_layers(gate_logit, threshold, temperature, quantile)
         moved = jnp.sum(jnp.where(priced, offsets - before, 0.0)) / jnp.sum(priced)
         rate = controls.target_rate + jnp.tanh(moved)
