@@ -293,6 +293,22 @@ def test_sticky_scope_control_keeps_a_shut_layer_shut():
   np.testing.assert_allclose(aux.open_rate[1], 0.3, atol=0.05)
 
 
+@pytest.mark.parametrize("scope", ["layer", "model", "last", "sticky"])
+def test_the_compiled_training_step_holds_no_conditional_in_any_scope(scope):
+  """The quantile control's choices (which layers are held shut, by how much) are selects:
+  no XLA conditional, which on a GPU would be a round trip to the host."""
+  c = train_config(**{"thermostat.quantile_scope": scope, "thermostat.target_rate": 0.15})
+  model_config = tiny_config(gate="hard")
+  optimizer = train_steps.make_optimizer(c)
+  model_def, state, _ = train_steps.init_state(model_config, c, optimizer)
+  step = train_steps.make_train_step(model_def, model_config, optimizer, quantile=scope)
+  batch = tokens(0, batch=4)
+  lowered = step.lower(
+    state, train_steps.make_controls(c)(0), batch, batch, jnp.ones(batch.shape), 1.0
+  )
+  assert lowered.compile().as_text().count(" conditional(") == 0
+
+
 def test_soft_steps_place_the_threshold_at_the_annealed_temperature():
   """In the soft phase a gate opens where sigmoid(logit / T) > threshold: with threshold
   0.7 and T = 0.1 the step's offsets open the target fraction at that temperature."""
