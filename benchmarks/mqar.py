@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, models
+from tgn_jax.training.config import OPTIONS
 
 COLUMNS = (
   "model seq_len num_kv d_model lr target accuracy open_rate vs_oracle open_at_queries "
@@ -101,7 +102,7 @@ def main(argv=None):
   )
   parser.add_argument(
     "--quantile_scope",
-    choices=("model", "layer", "last", "sticky"),
+    choices=OPTIONS["thermostat.quantile_scope"].choices,
     default=None,
     help="TGN, quantile control: where the open budget is held (train.py's "
     "--thermostat.quantile_scope; given: run names end in _scopeS)",

@@ -548,8 +548,9 @@ def validate(c: TrainConfig) -> None:
   if c.thermostat.control not in ("lambda", "quantile"):
     fail("thermostat.control", f"must be lambda or quantile, got {c.thermostat.control!r}")
   scope = c.thermostat.quantile_scope
-  if scope not in ("layer", "model", "last", "sticky"):
-    fail("thermostat.quantile_scope", f"must be layer, model, last or sticky, got {scope!r}")
+  scopes = OPTIONS["thermostat.quantile_scope"].choices
+  if scope not in scopes:
+    fail("thermostat.quantile_scope", f"must be one of {', '.join(scopes)}, got {scope!r}")
   quantile = c.thermostat.control == "quantile"
   if quantile and scope == "last" and target is not None and target * c.model_value("n_layers") > 1:
     fail(
