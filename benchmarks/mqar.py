@@ -108,6 +108,13 @@ def main(argv=None):
     "--thermostat.quantile_scope; given: run names end in _scopeS)",
   )
   parser.add_argument(
+    "--quantile_rate_end",
+    type=float,
+    default=None,
+    help="TGN, quantile control: the threshold's step fraction at the last step (train.py's "
+    "--thermostat.quantile_rate_end; given: run names end in _rateendR)",
+  )
+  parser.add_argument(
     "--seed",
     type=int,
     default=0,
@@ -225,7 +232,11 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
       name += f"_soft{args.soft_warmup}"
     elif args.tiny:  # too few steps for a soft warm-up
       options["soft_warmup"] = 0
-    for option, tag in (("lam_warmup", "lamwarmup"), ("quantile_scope", "scope")):
+    for option, tag in (
+      ("lam_warmup", "lamwarmup"),
+      ("quantile_scope", "scope"),
+      ("quantile_rate_end", "rateend"),
+    ):
       value = getattr(args, option)
       if value is not None:
         options[option] = value

@@ -396,6 +396,25 @@ def test_controls_of_quantile_and_of_the_hardening_anneal():
   assert float(fixed(50).thermostat) == 0.0 and float(fixed(50).quantile_rate) == 0.0
 
 
+def test_quantile_rate_decays_to_its_end_from_the_control_start():
+  """quantile_rate_end: quantile_rate at the step the control begins, the end value at the
+  last step, a cosine between them (never rising, half way at the middle), 0 before."""
+  c = train_config(
+    **{
+      "run.steps": 101,
+      "thermostat.lam_warmup": 30,
+      "thermostat.control": "quantile",
+      "thermostat.quantile_rate": 0.5,
+      "thermostat.quantile_rate_end": 0.1,
+    }
+  )
+  controls = train_steps.make_controls(c)
+  rates = np.array([float(controls(s).quantile_rate) for s in range(101)])
+  np.testing.assert_array_equal(rates[:30], 0.0)
+  np.testing.assert_allclose(rates[[30, 65, 100]], [0.5, 0.3, 0.1], rtol=1e-5)
+  assert np.all(np.diff(rates[30:]) < 0)
+
+
 # ------------------------------------------------------------------------------- anneal
 
 
@@ -481,6 +500,8 @@ def test_decoding_reads_the_offsets_as_the_forward_pass_does():
     ),
     ({"thermostat.quantile_rate": 0.0}, "thermostat.quantile_rate"),
     ({"thermostat.hold_steps": 0}, "thermostat.hold_steps"),
+    ({"thermostat.quantile_rate_end": 0.0}, "thermostat.quantile_rate_end"),
+    ({"thermostat.quantile_rate_end": 1.5}, "thermostat.quantile_rate_end"),
     ({"thermostat.harden_temperature": 1.5}, "thermostat.harden_temperature"),
     ({"thermostat.harden": -1}, "thermostat.harden"),
     ({"thermostat.harden": 10, "model.gate": "soft"}, "thermostat.harden"),

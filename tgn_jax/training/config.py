@@ -97,6 +97,12 @@ class ThermostatConfig:
   quantile_rate: float = _field(
     0.5, "quantile control: each step moves a layer's threshold this fraction of the way"
   )
+  quantile_rate_end: Optional[float] = _field(
+    None,
+    "quantile control: the fraction at the last step, reached from quantile_rate by a cosine "
+    "decay from the step the control begins, so that the thresholds average over more batches "
+    "as training settles (none: quantile_rate throughout)",
+  )
   quantile_scope: str = _field(
     "model",
     "quantile control: layer (each layer holds the target rate) | model (one quantile over "
@@ -563,6 +569,9 @@ def validate(c: TrainConfig) -> None:
   for path in ("thermostat.quantile_rate", "thermostat.harden_temperature"):
     if not _finite(values[path]) or not 0 < values[path] <= 1:
       fail(path, f"must be in (0, 1], got {values[path]!r}")
+  rate_end = c.thermostat.quantile_rate_end
+  if rate_end is not None and (not _finite(rate_end) or not 0 < rate_end <= 1):
+    fail("thermostat.quantile_rate_end", f"must be in (0, 1] or none, got {rate_end!r}")
   for path in ("task.train_fraction", "task.val_fraction"):
     if not _finite(values[path]) or not 0 < values[path] < 1:
       fail(path, f"must be in (0, 1), got {values[path]!r}")

@@ -96,6 +96,14 @@ def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
   warmup = c.lam_warmup_steps
   harden, hard_from = c.thermostat.harden, c.soft_warmup_steps
   quantile = c.thermostat.control == "quantile"
+  rate = c.thermostat.quantile_rate
+  rate_end = rate if c.thermostat.quantile_rate_end is None else c.thermostat.quantile_rate_end
+  rate_table = np.asarray(
+    jax.vmap(
+      optax.cosine_decay_schedule(rate, max(c.run.steps - 1 - warmup, 1), alpha=rate_end / rate)
+    )(jnp.arange(c.run.steps + 1)),
+    np.float32,
+  )
   # Raw key data: a host value every process passes alike (a typed key lives on a device).
   key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.run.seed), 1)))
   f32 = np.float32
@@ -111,7 +119,9 @@ def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
       target_rate=f32(c.thermostat.target_rate or 0.0),
       lam_lr=f32(c.thermostat.lam_lr),
       lam_min=f32(c.thermostat.lam_min),
-      quantile_rate=f32(c.thermostat.quantile_rate if controlled and quantile else 0.0),
+      quantile_rate=f32(
+        rate_table[min(max(step - warmup, 0), c.run.steps)] if controlled and quantile else 0.0
+      ),
       quantile_hold=f32(1.0 / c.thermostat.hold_steps),
       # Geometric from 1 to harden_temperature over the anneal's steps, 1 before it.
       gate_temperature=f32(c.thermostat.harden_temperature**annealed),
