@@ -7,9 +7,10 @@ The thermostat treats lam as the Lagrange multiplier of the constraint open_rate
 and adjusts it by dual ascent in log space (lam *= exp(lam_lr * (rate - target))), so it
 finds the right scale of lam whatever the task's units of U. The quantile control holds
 the rate with the gate thresholds instead: each layer's logit offset moves a fraction
-quantile_rate of the way to the batch's (1 - target) quantile after every step (pooled over
-the layers, per layer, or the whole budget in the last layer), so a step uses the threshold
-of the batches before it, as decoding does. lam then prices the offsets' drift: the same
+quantile_rate (falling to quantile_rate_end, if given) of the way to the batch's
+(1 - target) quantile after every step (pooled over the layers, per layer, or the whole
+budget in the last layer), so a step uses the threshold of the batches before it, as
+decoding does. lam then prices the offsets' drift: the same
 dual-ascent step with tanh(mean offset change) in place of (rate - target), so it rises
 while the logits near the threshold climb (and the offsets chase them) and falls while
 they drop.
