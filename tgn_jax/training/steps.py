@@ -91,20 +91,16 @@ def learning_rate_schedule(c: TrainConfig) -> optax.Schedule:
 
 def make_controls(c: TrainConfig) -> Callable[[int], StepControls]:
   """Host-side: the controls of step `step` (0-based) of a run with config c."""
-  lr_table = np.asarray(
-    jax.vmap(learning_rate_schedule(c))(jnp.arange(c.run.steps + 1)), np.float32
-  )
+  # Each schedule as a host table over steps 0..steps (the rate's counted from the control's start).
+  table = lambda schedule: np.asarray(jax.vmap(schedule)(jnp.arange(c.run.steps + 1)), np.float32)
+  lr_table = table(learning_rate_schedule(c))
   warmup = c.lam_warmup_steps
   harden, hard_from = c.thermostat.harden, c.soft_warmup_steps
   quantile = c.thermostat.control == "quantile"
   rate = c.thermostat.quantile_rate
   rate_end = rate if c.thermostat.quantile_rate_end is None else c.thermostat.quantile_rate_end
-  rate_table = np.asarray(
-    jax.vmap(
-      optax.cosine_decay_schedule(rate, max(c.run.steps - 1 - warmup, 1), alpha=rate_end / rate)
-    )(jnp.arange(c.run.steps + 1)),
-    np.float32,
-  )
+  decay_steps = max(c.run.steps - 1 - warmup, 1)
+  rate_table = table(optax.cosine_decay_schedule(rate, decay_steps, alpha=rate_end / rate))
   # Raw key data: a host value every process passes alike (a typed key lives on a device).
   key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.run.seed), 1)))
   f32 = np.float32
