@@ -115,6 +115,12 @@ def main(argv=None):
     "--thermostat.quantile_rate_end; given: run names end in _rateendR)",
   )
   parser.add_argument(
+    "--center_gate_gradient",
+    action="store_true",
+    help="TGN, quantile control: the gate's gradient without its batch mean (train.py's "
+    "--model.center_gate_gradient; run names end in _centered)",
+  )
+  parser.add_argument(
     "--seed",
     type=int,
     default=0,
@@ -241,6 +247,9 @@ def _run(args, model, seq_len, num_kv, d_model, lr, target_rate, gate, rates):
       if value is not None:
         options[option] = value
         name += f"_{tag}{value}"
+    if args.center_gate_gradient and gate is None:  # the reference gates are not learnt
+      options["model.center_gate_gradient"] = True
+      name += "_centered"
   if gate is not None:
     options.update(reference_gate=gate, target_rate=None, lam=0.0)
     if gate == "random" and rates is not None:

@@ -28,6 +28,16 @@ def test_logit_spread_is_the_std_at_least_one_without_gradient():
   np.testing.assert_array_equal(jax.grad(lambda x: gate_ops.logit_spread(x))(wide), 0.0)
 
 
+def test_level_free_keeps_the_value_and_removes_the_gradients_mean():
+  logit = jnp.array([[-3.0, 0.5, 2.0], [7.0, -1.0, 4.0]])
+  upstream = jnp.array([[1.0, 2.0, 3.0], [0.5, -4.0, 10.0]])
+  value, vjp = jax.vjp(gate_ops.level_free, logit)
+  np.testing.assert_array_equal(value, logit)
+  (grad,) = vjp(upstream)
+  np.testing.assert_allclose(grad, upstream - np.mean(np.asarray(upstream)), atol=1e-6)
+  np.testing.assert_allclose(float(jnp.sum(grad)), 0.0, atol=1e-5)
+
+
 def test_hard_gate_threshold_and_sampling():
   prob = jnp.full((200, 100), 0.3)
   assert not bool(jnp.any(gate_ops.hard_gate(prob)))

@@ -253,6 +253,40 @@ def test_spread_gradient_reaches_gates_far_from_the_threshold():
   assert float(jnp.linalg.norm(g_sigmoid)) < 1e-9 < float(jnp.linalg.norm(g_spread))
 
 
+def test_centered_gradient_moves_which_gates_open_not_their_level():
+  """center_gate_gradient: the forward pass is the same; each layer's gate logits get a
+  gradient of zero mean, so the gate head's output bias (one per layer, shifting every
+  logit of the layer alike) gets none while its kernels still learn; without it the
+  bias's gradient is the sum of the logits' and is not zero."""
+  kw = dict(gate="hard", exploration=0.05, exploration_floor=0.3)
+  plain_def, params = functional.init(config(**kw), jax.random.key(0))
+  centered_def, _ = functional.init(config(center_gate_gradient=True, **kw), jax.random.key(0))
+  toks = tokens(1)
+  weights = jax.random.normal(jax.random.key(3), (3, SEQ, VOCAB))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(model_def):
+    def loss(params):
+      logits, aux = functional.apply(
+        model_def, params, toks, rng=jax.random.key(5), stats=None, capacity=1.0
+      )
+      return jnp.sum(logits * weights) + jnp.sum(aux.gate_prob), (logits, aux)
+
+    grads, out = jax.grad(loss, has_aux=True)(params)
+    return grads["blocks"]["gate_head"]["out"], out
+
+  (g_plain, (logits_p, aux_p)), (g_centered, (logits_c, aux_c)) = run(plain_def), run(centered_def)
+  np.testing.assert_array_equal(logits_p, logits_c)
+  np.testing.assert_array_equal(aux_p.is_open, aux_c.is_open)
+  assert 0.0 < float(np.mean(aux_p.is_open)) < 1.0
+  bias_plain, bias_centered = g_plain["bias"][...], g_centered["bias"][...]
+  assert bias_plain.shape[0] == 2 and np.all(np.abs(np.asarray(bias_plain)) > 1e-3)
+  kernel = g_centered["kernel"][...]
+  scale = float(np.max(np.abs(np.asarray(kernel))))
+  assert scale > 1e-3
+  np.testing.assert_allclose(bias_centered, 0.0, atol=1e-5 * scale)
+
+
 # ------------------------------------------------------------------------------ saturation
 
 

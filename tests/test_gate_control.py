@@ -504,6 +504,10 @@ def test_decoding_reads_the_offsets_as_the_forward_pass_does():
     ({"thermostat.quantile_rate_end": 1.5}, "thermostat.quantile_rate_end"),
     ({"thermostat.harden_temperature": 1.5}, "thermostat.harden_temperature"),
     ({"thermostat.harden": -1}, "thermostat.harden"),
+    (
+      {"thermostat.control": "lambda", "model.center_gate_gradient": True},
+      "model.center_gate_gradient",
+    ),
     ({"thermostat.harden": 10, "model.gate": "soft"}, "thermostat.harden"),
   ],
 )

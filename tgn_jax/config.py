@@ -63,6 +63,10 @@ class TGNConfig:
     sigmoid(logit)) or "spread" (of sigmoid(logit / s), s the layer's logit standard
     deviation over the batch, at least 1: a gate far from its threshold, where
     sigmoid(logit) is flat, still learns; the forward pass is the same).
+  center_gate_gradient: the hard gate's logits get their gradient with its mean over the
+    batch removed, per layer (ops.gate.level_free): training moves which tokens open, not
+    the logits' common level. For the quantile control, whose threshold sets the level
+    (under the lambda thermostat the level is what holds the rate).
   kv: "all" (every token writes a key and value) or "open" (only tokens whose hard gate
     is open do: attention runs among open tokens, its cost scales with the square of the
     open rate, and the decoding cache holds open tokens only). "open" needs gate="hard".
@@ -107,6 +111,7 @@ class TGNConfig:
   gate_hidden: Optional[int] = None
   gate_input: GateInput = "both"
   gate_gradient: GateGradient = "spread"
+  center_gate_gradient: bool = False
   gate_bias_init: float = 0.0
   attention_execution: Optional[Execution] = None
   kv: KeyValues = "all"

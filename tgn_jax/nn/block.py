@@ -248,6 +248,8 @@ class Block(nnx.Module):
     if self.mix == "soft":
       prob = jax.nn.sigmoid(logit / temperature)
       return logit, prob, prob > cfg.gate_threshold, jnp.ones(shape, bool), none
+    if cfg.center_gate_gradient:
+      logit = gate_ops.level_free(logit)
     prob = jax.nn.sigmoid(logit)
     if open_BT is not None:
       given = jnp.asarray(open_BT, bool)

@@ -56,6 +56,24 @@ def straight_through(prob_BT: Array, open_BT: Array, grad_weight_BT: Array) -> A
   return open_BT.astype(jnp.float32) + grad_weight_BT * (prob - jax.lax.stop_gradient(prob))
 
 
+@jax.custom_vjp
+def level_free(logit_BT: Array) -> Array:
+  """logit_BT unchanged, with its cotangent's mean over the array removed: the gradient
+  moves the logits' ranking, not their common level (which a quantile threshold sets)."""
+  return logit_BT
+
+
+def _level_free_fwd(logit_BT):
+  return logit_BT, None
+
+
+def _level_free_bwd(_, cotangent_BT):
+  return (cotangent_BT - jnp.mean(cotangent_BT, dtype=jnp.float32).astype(cotangent_BT.dtype),)
+
+
+level_free.defvjp(_level_free_fwd, _level_free_bwd)
+
+
 def logit_spread(logit_BT: Array) -> Array:
   """The scale of a layer's gate logits for its straight-through derivative, float32
   scalar without gradient: their standard deviation over the batch, at least 1."""

@@ -199,6 +199,8 @@ MODEL_HELP = {
   "gate_input": "what the gate reads: recurrence (its output) | both (also the block input)",
   "gate_gradient": "hard gate's straight-through derivative: sigmoid | spread (of "
   "sigmoid(logit / the batch's logit std), so a saturated gate still learns)",
+  "center_gate_gradient": "remove the batch mean of the hard gate's logit gradient, per "
+  "layer (quantile control only: its threshold sets the logits' level)",
   "gate_bias_init": "initial gate logit bias (0: open probability 1/2)",
   "attention_execution": "sparse | dense (default: sparse for the hard gate)",
   "kv": "keys and values: all (every token) | open (open tokens only)",
@@ -563,6 +565,11 @@ def validate(c: TrainConfig) -> None:
       "thermostat.quantile_scope",
       f"last: the last layer would have to open target_rate * n_layers = "
       f"{target * c.model_value('n_layers'):g} of its tokens (more than all of them)",
+    )
+  if c.model_value("center_gate_gradient") and not quantile:
+    fail(
+      "model.center_gate_gradient",
+      "needs --thermostat.control quantile (under lambda the logits' level holds the rate)",
     )
   if c.thermostat.harden and (c.model_value("mixer") != "tgn" or c.model_value("gate") != "hard"):
     fail("thermostat.harden", "needs the hard gate (--mixer tgn --gate hard)")
